@@ -1,0 +1,226 @@
+"""Uniform mixture guides ``q(z) = (1/A) sum_a q_a(z)`` for :class:`~pyro_cavi.miselbo.MISELBO`."""
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence, Type
+
+import torch
+from torch import Tensor
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide.initialization import init_to_sample
+from pyro.nn import PyroModule
+from pyro.poutine.messenger import Messenger
+from pyro.nn.module import PyroModuleList
+from pyro.poutine.runtime import get_plates
+
+from ._traces import PARTICLE_PLATE, latent_sites, particle_axis, sum_to_particles
+
+
+@dataclass
+class ComponentSamples:
+    """Reparameterised draws ``z_{s,l} ~ q_{a_s}``, ``l = 1..L``, for the components ``a_s``.
+
+    Each value stacks its ``K = S * L`` particles along the particle dim, component-major
+    (particle ``k = s * L + l``).
+    """
+
+    values: Dict[str, Tensor]
+    event_dims: Dict[str, int]
+    components: Tensor
+    num_particles: int
+
+    @property
+    def size(self) -> int:
+        return len(self.components) * self.num_particles
+
+
+class BaseMixtureGuide:
+    """What :class:`MISELBO` needs from a uniform mixture guide of ``num_components`` components.
+
+    ``local_plate`` is ``None`` for a mixture over the joint of all latent sites, or the name of
+    a data plate when each datum has its own mixture (amortised encoders): then
+    ``log_prob_components`` keeps that plate's dim.
+    """
+
+    num_components: int
+    local_plate: Optional[str] = None
+
+    def sample_components(
+        self, components: Tensor, num_particles: int, particle_dim: int, *args, **kwargs
+    ) -> ComponentSamples:
+        """Draw ``num_particles`` reparameterised samples from each component in ``components``."""
+        raise NotImplementedError
+
+    def log_prob_components(
+        self, samples: ComponentSamples, components: Tensor, particle_dim: int, *args, **kwargs
+    ) -> Tensor:
+        """``log q_j(z_k)`` for every ``j`` in ``components`` and every particle ``k``, as one
+        tensor of shape ``(J, K)`` (``(J, K, n)`` with a ``local_plate``)."""
+        raise NotImplementedError
+
+
+def _check_components(components: Tensor, num_components: int) -> Tensor:
+    components = torch.as_tensor(components, dtype=torch.long)
+    if components.dim() != 1 or components.numel() == 0:
+        raise ValueError(f"components must be a non-empty 1-d index tensor, got shape {tuple(components.shape)}")
+    if components.min() < 0 or components.max() >= num_components:
+        raise ValueError(f"component indices must lie in [0, {num_components}), got {components.tolist()}")
+    return components
+
+
+class MixtureGuide(PyroModule, BaseMixtureGuide):
+    """Uniform mixture of component guides over the joint of all latent sites,
+
+        q(z) = (1/A) sum_{a=1}^{A} q_a(z),
+
+    the variational family of MISELBO (Kviman et al., "Multiple importance sampling ELBO and
+    deep ensembles of variational approximations", AISTATS 2022; Hotti et al., "Efficient
+    mixture learning in black-box variational inference", ICML 2024).
+
+    Each component is any reparameterisable Pyro guide with the model's signature (e.g. an
+    :class:`~pyro.infer.autoguide.AutoNormal`); all components must sample the same sites.
+    Components that are :class:`~pyro.nn.PyroModule` s get distinct parameter names
+    (``components.0.locs.z``, ...). Called as a guide, it draws from the mixture (one component per
+    draw, independently across any enclosing vectorised plate such as
+    :class:`~pyro.infer.Predictive`'s), so ``Predictive(model, guide=mixture)`` works. Train it with
+    :class:`MISELBO`: the mixture density is not a product over sites, so ``Trace_ELBO`` cannot.
+
+    Evaluating ``log q_j`` at other components' samples replays each component once on the whole
+    batch of particles (``J`` vectorised calls, never ``J x K`` calls).
+
+    :param components: the ``A`` component guides.
+    """
+
+    def __init__(self, components: Sequence[Callable]):
+        super().__init__()
+        components = list(components)
+        if not components:
+            raise ValueError("MixtureGuide needs at least one component guide")
+        for a, component in enumerate(components):
+            if not callable(component):
+                raise TypeError(f"component {a} is not callable: {type(component).__name__}")
+        if all(isinstance(c, torch.nn.Module) for c in components):
+            self.components = PyroModuleList(components)
+        else:
+            self.components = components
+        self.num_components = len(components)
+
+    @classmethod
+    def from_autoguide(
+        cls,
+        model: Callable,
+        num_components: int,
+        autoguide_class: Type = AutoNormal,
+        **autoguide_kwargs,
+    ) -> "MixtureGuide":
+        """A mixture of ``num_components`` autoguides of ``model``. Unless ``init_loc_fn`` is
+        given, each component starts at its own prior draw (``init_to_sample``), which breaks
+        the symmetry between components."""
+        if not isinstance(num_components, int) or num_components < 1:
+            raise ValueError(f"num_components must be a positive int, got {num_components!r}")
+        autoguide_kwargs.setdefault("init_loc_fn", init_to_sample)
+        return cls([autoguide_class(model, **autoguide_kwargs) for _ in range(num_components)])
+
+    def _trace_component(self, a: int, size: int, particle_dim: int, data, args, kwargs):
+        component = self.components[a]
+        if data is not None:
+            component = poutine.condition(component, data=data)
+        with pyro.plate(PARTICLE_PLATE, size, dim=particle_dim):
+            return poutine.trace(component).get_trace(*args, **kwargs)
+
+    def sample_components(self, components, num_particles, particle_dim, *args, **kwargs):
+        components = _check_components(components, self.num_components)
+        draws = []
+        for a in components.tolist():
+            trace = self._trace_component(a, num_particles, particle_dim, None, args, kwargs)
+            sites = latent_sites(trace)
+            for name, site in sites.items():
+                if not site["fn"].has_rsample:
+                    raise ValueError(
+                        f"site '{name}' of component {a} draws from {type(site['fn']).__name__}, "
+                        "which is not reparameterisable; MISELBO needs rsample"
+                    )
+            if draws and set(sites) != set(draws[0]):
+                raise ValueError(
+                    f"component {a} samples sites {sorted(sites)} but component "
+                    f"{components[0].item()} samples {sorted(draws[0])}; all components must agree"
+                )
+            draws.append(sites)
+        values, event_dims = {}, {}
+        for name, site in draws[0].items():
+            event_dim = site["fn"].event_dim
+            parts = []
+            for sites in draws:
+                value = sites[name]["value"]
+                axis = particle_axis(value, event_dim, particle_dim)
+                shape = list(value.shape)
+                shape[axis] = num_particles
+                parts.append(value.expand(shape))
+            values[name] = torch.cat(parts, dim=axis)
+            event_dims[name] = event_dim
+        return ComponentSamples(values, event_dims, components, num_particles)
+
+    def log_prob_components(self, samples, components, particle_dim, *args, **kwargs):
+        components = _check_components(components, self.num_components)
+        size = samples.size
+        rows = []
+        for a in components.tolist():
+            trace = self._trace_component(a, size, particle_dim, samples.values, args, kwargs)
+            trace.compute_log_prob()
+            row = torch.zeros(size)
+            for name, site in trace.nodes.items():
+                if site["type"] != "sample":
+                    continue
+                if name not in samples.values:
+                    raise ValueError(f"component {a} samples site '{name}', which the other components do not")
+                row = row + sum_to_particles(site["log_prob"], particle_dim, size)
+            rows.append(row)
+        return torch.stack(rows)
+
+    def forward(self, *args, **kwargs):
+        """Draw ``z ~ (1/A) sum_a q_a``: every component is run (blocked), then each draw of any
+        enclosing vectorised plate keeps the value of its own uniformly drawn component."""
+        ambient = [f for f in get_plates() if f.vectorized and f.dim is not None]
+        shape = [1] * max([-f.dim for f in ambient], default=0)
+        for frame in ambient:
+            shape[frame.dim] = frame.size
+        choice = torch.randint(self.num_components, tuple(shape))
+        traces = []
+        for component in self.components:
+            # blocked, so the component sites stay private; the enclosing plates' frames are
+            # replayed inside the block so each component still draws one value per outer draw
+            with poutine.block(), poutine.broadcast(), _AmbientPlates(ambient):
+                traces.append(poutine.trace(component).get_trace(*args, **kwargs))
+        ambient_names = {f.name for f in ambient}
+        result = {}
+        for name, site in latent_sites(traces[0]).items():
+            if site["infer"].get("is_auxiliary"):
+                continue
+            event_dim = site["fn"].event_dim
+            stacked = torch.stack(torch.broadcast_tensors(*[t.nodes[name]["value"] for t in traces]))
+            batch_dims = stacked.dim() - 1 - event_dim
+            index = choice.reshape((1,) * (batch_dims - choice.dim()) + choice.shape + (1,) * event_dim)
+            value = stacked.gather(0, index.expand((1,) + stacked.shape[1:]).contiguous()).squeeze(0)
+            plates = [f for f in site["cond_indep_stack"] if f.name not in ambient_names]
+            with ExitStack() as stack:
+                for frame in plates:
+                    stack.enter_context(pyro.plate(frame.name, frame.size, dim=frame.dim))
+                result[name] = pyro.sample(name, dist.Delta(value, event_dim=event_dim))
+        return result
+
+
+
+class _AmbientPlates(Messenger):
+    """Adds already-allocated plate frames to each sample site's ``cond_indep_stack`` (inside a
+    ``poutine.block``, where the real enclosing plates cannot see the site)."""
+
+    def __init__(self, frames):
+        super().__init__()
+        self.frames = tuple(frames)
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample":
+            msg["cond_indep_stack"] = msg["cond_indep_stack"] + self.frames
