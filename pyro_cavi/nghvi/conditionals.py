@@ -1,0 +1,273 @@
+"""
+Samplers for the exact conditional ``p(z | theta, y)`` of local latent variables.
+
+A *conditional sampler* is any object with
+
+- ``sites``: a tuple of the local sample-site names it draws;
+- ``__call__(model, theta, *args, **kwargs) -> dict``: one draw ``{site: value}`` of the local
+  latents from ``p(z | theta, y)``, where ``theta`` maps every global latent site name to its
+  (constrained, detached) value and ``*args, **kwargs`` are the model's arguments;
+- optionally ``log_prob(model, theta, z, *args, **kwargs) -> Tensor``: ``log p(z | theta, y)``
+  summed over the local sites, used only to report an unbiased ELBO value.
+
+:class:`~pyro_cavi.nghvi.HybridELBO` needs nothing else, so a closed-form sampler for a
+specific model, or one derived by the CAVI engine's conjugacy detection, plugs in unchanged.
+Samplers run the model themselves under :func:`pyro.poutine.block`, so nothing they do leaks
+into an enclosing trace.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
+
+
+def _local_trace(model, data: dict, *args, **kwargs):
+    with poutine.block():
+        return poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+
+
+def _site_event_dim(model, site: str, theta: dict, *args, **kwargs) -> tuple[torch.Size, int]:
+    trace = _local_trace(model, theta, *args, **kwargs)
+    if site not in trace.nodes or trace.nodes[site]["type"] != "sample":
+        raise ValueError(f"local site '{site}' is not a sample site of the model")
+    node = trace.nodes[site]
+    if node["is_observed"]:
+        raise ValueError(f"local site '{site}' is observed; name a latent site")
+    support = node["fn"].support
+    while isinstance(support, dist.constraints.independent):
+        support = support.base_constraint
+    if support is not dist.constraints.real:
+        raise ValueError(
+            f"local site '{site}' has support {node['fn'].support}; a Gaussian conditional needs "
+            "a real-valued site"
+        )
+    return node["value"].shape, node["fn"].event_dim
+
+
+def gaussian_from_quadratic(
+    log_density: Callable[[Tensor], Tensor],
+    z0: Tensor,
+    event_dim: int,
+    site: str = "z",
+    validate: bool = False,
+) -> dist.MultivariateNormal:
+    """
+    The Gaussian ``N(m, P^{-1})`` whose log density equals ``log_density`` up to a constant,
+    for ``log_density`` quadratic in ``z`` with independent blocks over ``z``'s batch dims.
+
+    ``z`` has shape ``batch_shape + event_shape``; with ``k = event_shape.numel()`` the
+    precision blocks ``P`` (``batch_shape + (k, k)``) come from ``k`` Hessian-vector products
+    (the batch elements are independent, so one product yields one column of every block) and
+    ``m = z0 + P^{-1} grad(z0)``.  With ``validate=True`` two more autograd passes check that
+    the density really is quadratic (zero gradient at ``m``) with no coupling between batch
+    elements, raising a ``ValueError`` naming ``site`` otherwise.
+    """
+    with torch.enable_grad():
+        batch_shape = z0.shape[: z0.dim() - event_dim]
+        k = int(np.prod(z0.shape[z0.dim() - event_dim :], dtype=np.int64))
+        z = z0.detach().clone().requires_grad_(True)
+        logp = log_density(z)
+        (grad,) = torch.autograd.grad(logp, z, create_graph=True)
+        if not grad.requires_grad:
+            raise ValueError(f"the log joint does not depend quadratically on local site '{site}'")
+        grad_flat = grad.reshape(batch_shape + (k,))
+        columns = []
+        for j in range(k):
+            v = torch.zeros_like(grad_flat)
+            v[..., j] = 1.0
+            (hv,) = torch.autograd.grad(grad_flat, z, grad_outputs=v, retain_graph=True)
+            columns.append(-hv.reshape(batch_shape + (k,)))
+        precision = torch.stack(columns, -1).detach()
+        precision = 0.5 * (precision + precision.transpose(-1, -2))
+        try:
+            chol = torch.linalg.cholesky(precision)
+        except RuntimeError as e:
+            raise ValueError(
+                f"the conditional of local site '{site}' is not a proper Gaussian: its precision "
+                "(minus the Hessian of the log joint) is not positive definite"
+            ) from e
+        mean = z0.detach().reshape(batch_shape + (k,)) + torch.cholesky_solve(
+            grad_flat.detach().unsqueeze(-1), chol
+        ).squeeze(-1)
+        if validate:
+            probe = torch.randn_like(grad_flat)
+            (hv,) = torch.autograd.grad(grad_flat, z, grad_outputs=probe)
+            block_hv = -(precision @ probe.unsqueeze(-1)).squeeze(-1)
+            scale = block_hv.abs().max().clamp(min=1e-12)
+            if (hv.reshape(block_hv.shape) - block_hv).abs().max() > 1e-5 * scale:
+                raise ValueError(
+                    f"local site '{site}' is coupled across its batch (plate) dimensions; the "
+                    "elements of a local site must be conditionally independent given theta"
+                )
+            z_m = mean.reshape(z0.shape).clone().requires_grad_(True)
+            (grad_m,) = torch.autograd.grad(log_density(z_m), z_m)
+            tol = 1e-4 * (1.0 + grad.detach().abs().max())
+            if grad_m.abs().max() > tol:
+                raise ValueError(
+                    f"the log joint is not quadratic in local site '{site}' (its gradient at the "
+                    "Gaussian mode is not zero), so its conditional is not Gaussian; pass a "
+                    "sampler for it, e.g. PolyaGammaGibbs for Bernoulli/Binomial likelihoods"
+                )
+    return dist.MultivariateNormal(mean, precision_matrix=precision)
+
+
+class GaussianConditional:
+    r"""
+    Exact conditional of a local latent site whose log joint is quadratic given the globals,
+    e.g. Gaussian random effects in a linear mixed model
+    (:math:`\alpha_i \mid \theta, y \sim N(\cdot, \cdot)` in closed form).
+
+    The conditional is read off the model by automatic differentiation: one gradient and
+    ``k`` Hessian-vector products of ``log p(y, z, theta)`` in ``z`` (``k`` the size of one
+    group's random effect), then ``z = m + L^{-T} eps``.  The batch (plate) elements of the
+    site must be conditionally independent given ``theta`` (one block per group).
+
+    :param str site: name of the local sample site.
+    :param bool validate: check on the first call that the log joint is quadratic and
+        block-independent (two extra autograd passes), raising ``ValueError`` otherwise.
+    """
+
+    def __init__(self, site: str, validate: bool = True):
+        if not isinstance(site, str):
+            raise TypeError(f"site must be a site name (str), got {type(site).__name__}")
+        self.site = site
+        self.sites = (site,)
+        self.validate = validate
+        self._validated = False
+
+    def distribution(self, model, theta: dict, *args, **kwargs) -> dist.MultivariateNormal:
+        """``p(z | theta, y)`` as a batch of MultivariateNormals over the flattened event."""
+        return self._distribution(model, theta, *args, **kwargs)[0]
+
+    def _distribution(self, model, theta, *args, **kwargs):
+        shape, event_dim = _site_event_dim(model, self.site, theta, *args, **kwargs)
+
+        def log_joint(z: Tensor) -> Tensor:
+            return _local_trace(model, {**theta, self.site: z}, *args, **kwargs).log_prob_sum()
+
+        validate = self.validate and not self._validated
+        d = gaussian_from_quadratic(log_joint, torch.zeros(shape), event_dim, self.site, validate)
+        self._validated = True
+        return d, shape
+
+    def __call__(self, model, theta: dict, *args, **kwargs) -> dict:
+        d, shape = self._distribution(model, theta, *args, **kwargs)
+        return {self.site: d.sample().reshape(shape)}
+
+    def log_prob(self, model, theta: dict, z: dict, *args, **kwargs) -> Tensor:
+        d = self.distribution(model, theta, *args, **kwargs)
+        return d.log_prob(z[self.site].reshape(d.batch_shape + d.event_shape)).sum()
+
+
+def _binomial_terms(fn) -> tuple[Tensor, Tensor] | None:
+    """``(logits, total_count)`` when ``fn`` is a Bernoulli/Binomial (possibly ``.to_event``)."""
+    while isinstance(fn, (dist.Independent, torch.distributions.Independent)):
+        fn = fn.base_dist
+    if isinstance(fn, torch.distributions.Bernoulli):
+        return fn.logits, torch.ones_like(fn.logits)
+    if isinstance(fn, torch.distributions.Binomial):
+        return fn.logits, fn.total_count.expand_as(fn.logits)
+    return None
+
+
+class PolyaGammaGibbs:
+    r"""
+    Gibbs sweeps for a Gaussian local latent ``z`` whose likelihood is Bernoulli/Binomial with
+    logits ``eta`` affine in ``z`` (e.g. logistic random intercepts), by Polya-Gamma
+    augmentation (Polson, Scott, Windle 2013)::
+
+        omega_n | z     ~ PG(N_n, eta_n(z))                   (``polyagamma`` package)
+        z | omega, theta ~ N  with  log density  log p(z | theta) + sum_n kappa_n eta_n - omega_n eta_n^2 / 2,
+                          kappa_n = y_n - N_n / 2
+
+    The Gaussian step is read off by automatic differentiation as in
+    :class:`GaussianConditional`.  Each call runs ``num_sweeps`` sweeps starting from the
+    previous call's draw (``warm_start``), as the paper does inside its optimisation loop; the
+    draw is then exact only in the limit of many sweeps, so this sampler has no ``log_prob``.
+
+    :param str site: the local sample site.
+    :param int num_sweeps: Gibbs sweeps per call.
+    :param bool warm_start: start each call from the previous draw (when shapes agree).
+    """
+
+    def __init__(self, site: str, num_sweeps: int = 1, warm_start: bool = True):
+        if not isinstance(site, str):
+            raise TypeError(f"site must be a site name (str), got {type(site).__name__}")
+        if not (isinstance(num_sweeps, int) and num_sweeps >= 1):
+            raise ValueError(f"num_sweeps must be a positive int, got {num_sweeps}")
+        self.site = site
+        self.sites = (site,)
+        self.num_sweeps = num_sweeps
+        self.warm_start = warm_start
+        self._state: Tensor | None = None
+
+    def _augmented_log_density(self, model, theta, z_now, *args, **kwargs):
+        trace = _local_trace(model, {**theta, self.site: z_now}, *args, **kwargs)
+        omegas = {}
+        for name, node in trace.nodes.items():
+            if node["type"] != "sample" or not node["is_observed"] or name in theta or name == self.site:
+                continue
+            terms = _binomial_terms(node["fn"])
+            if terms is None:
+                continue
+            logits, total_count = terms
+            rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
+            h = total_count.detach().double().numpy()
+            omega = _random_polyagamma(h, logits.detach().double().numpy(), rng)
+            omegas[name] = torch.as_tensor(omega, dtype=logits.dtype)
+        if not omegas:
+            raise ValueError(
+                f"PolyaGammaGibbs('{self.site}'): the model has no observed Bernoulli or Binomial "
+                "site; use GaussianConditional for Gaussian likelihoods"
+            )
+
+        def log_density(z: Tensor) -> Tensor:
+            tr = _local_trace(model, {**theta, self.site: z}, *args, **kwargs)
+            tr.compute_log_prob(site_filter=lambda name, site: name not in omegas)
+            total = z.new_zeros(())
+            for name, node in tr.nodes.items():
+                if node["type"] != "sample" or site_is_subsample(node):
+                    continue
+                if name in omegas:
+                    logits, total_count = _binomial_terms(node["fn"])
+                    kappa = node["value"] - total_count / 2
+                    term = kappa * logits - 0.5 * omegas[name] * logits.pow(2)
+                    if node["scale"] is not None:
+                        term = term * node["scale"]
+                    if node["mask"] is not None:
+                        term = term * node["mask"]
+                    total = total + term.sum()
+                else:
+                    total = total + node["log_prob_sum"]
+            return total
+
+        return log_density
+
+    def __call__(self, model, theta: dict, *args, **kwargs) -> dict:
+        shape, event_dim = _site_event_dim(model, self.site, theta, *args, **kwargs)
+        z = self._state
+        if z is None or not self.warm_start or z.shape != shape:
+            z = torch.zeros(shape)
+        for _ in range(self.num_sweeps):
+            log_density = self._augmented_log_density(model, theta, z, *args, **kwargs)
+            gaussian = gaussian_from_quadratic(log_density, z, event_dim, self.site)
+            z = gaussian.sample().reshape(shape)
+        self._state = z.detach()
+        return {self.site: z}
+
+
+def _random_polyagamma(h: np.ndarray, z: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """``PG(h, z)`` draws via the ``polyagamma`` package (imported lazily)."""
+    from polyagamma import random_polyagamma
+
+    h = np.broadcast_to(h, z.shape)
+    return random_polyagamma(h, z, random_state=rng)

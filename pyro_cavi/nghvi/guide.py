@@ -1,0 +1,49 @@
+"""
+A Pyro guide for the hybrid variational family ``q(theta) p(z | theta, y)``.
+"""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+from pyro.infer.autoguide import AutoLowRankMultivariateNormal, init_to_feasible
+
+from .hybrid_elbo import _as_conditional
+
+
+class HybridGuide:
+    r"""
+    The guide of hybrid variational inference: :math:`\theta \sim q_\lambda(\theta)` from
+    ``global_guide`` (by default an :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`
+    with covariance :math:`BB^T + D^2` over every latent site except the local ones), then the
+    local latents :math:`z \sim p(z \mid \theta, y)` from the exact conditional, recorded as
+    ``Delta`` sites.  Train it with :class:`~pyro_cavi.nghvi.HybridELBO` (which uses only
+    ``global_guide``); use it as the guide of :class:`~pyro.infer.Predictive` or
+    ``pyro_cavi.to_inference_data`` to get posterior draws of both ``theta`` and ``z``.
+
+    :param model: the Pyro model.
+    :param local_sites: a local site name or a conditional sampler (as in ``HybridELBO``).
+    :param int rank: number of factors ``p`` of the covariance (the paper uses ``p = 3``).
+    :param global_guide: an existing guide over the global sites (then ``rank`` and
+        ``guide_kwargs`` are ignored).
+    :param guide_kwargs: passed to ``AutoLowRankMultivariateNormal`` (default
+        ``init_loc_fn=init_to_feasible``).
+    """
+
+    def __init__(self, model, local_sites, rank: int = 3, global_guide=None, **guide_kwargs):
+        self.model = model
+        self.conditional = _as_conditional(local_sites)
+        if global_guide is None:
+            guide_kwargs.setdefault("init_loc_fn", init_to_feasible)
+            global_model = poutine.block(model, hide=list(self.conditional.sites))
+            global_guide = AutoLowRankMultivariateNormal(global_model, rank=rank, **guide_kwargs)
+        self.global_guide = global_guide
+
+    def __call__(self, *args, **kwargs) -> dict:
+        theta = self.global_guide(*args, **kwargs)
+        theta = {name: value.detach() for name, value in theta.items()}
+        z = self.conditional(self.model, theta, *args, **kwargs)
+        for name, value in z.items():
+            pyro.sample(name, dist.Delta(value, event_dim=value.dim()))
+        return {**theta, **z}

@@ -1,0 +1,142 @@
+"""
+The hybrid ELBO of Zhang et al. (2023): a variational density over the global parameters only,
+with the local latents drawn from their exact conditional.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+import pyro.poutine as poutine
+from pyro.infer.elbo import ELBO
+from pyro.poutine.util import prune_subsample_sites
+
+from .conditionals import GaussianConditional
+
+
+def _as_conditional(local_sites):
+    if isinstance(local_sites, str):
+        return GaussianConditional(local_sites)
+    if not hasattr(local_sites, "sites") or not callable(local_sites):
+        raise TypeError(
+            "HybridELBO expects a local site name or a conditional sampler (a callable with a "
+            f"'sites' attribute), got {type(local_sites).__name__}"
+        )
+    return local_sites
+
+
+class HybridELBO(ELBO):
+    r"""
+    Hybrid variational inference (Zhang, Smith, Maneesoonthorn, Loaiza-Maya 2023,
+    arXiv:2302.13536).  The variational family is :math:`q_\lambda(\theta)\,p(z \mid \theta, y)`:
+    a guide over the global latents :math:`\theta` (typically
+    :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`, :math:`\Sigma = BB^T + D^2`)
+    and the *exact* conditional of the local latents :math:`z`.  The objective is
+
+    .. math::
+
+        \mathcal L(\lambda) = \mathbb E_{q_\lambda(\theta) p(z\mid\theta,y)}
+            [\log p(y, z, \theta) - \log q_\lambda(\theta) - \log p(z \mid \theta, y)]
+            = \mathbb E_{q_\lambda(\theta)}[\log p(y, \theta) - \log q_\lambda(\theta)],
+
+    the marginal ELBO with :math:`z` integrated out.  Its reparameterisation gradient needs
+    :math:`\nabla_\theta \log p(y,\theta) = \mathbb E_{p(z\mid\theta,y)}[\nabla_\theta \log p(y,z,\theta)]`
+    (Fisher's identity), estimated with one draw :math:`z \sim p(z \mid \theta, y)` per particle
+    held fixed while differentiating, so its cost does not grow with the number of local latents
+    in the guide.
+
+    The local sites are drawn by ``conditional`` (see :mod:`pyro_cavi.nghvi.conditionals`), which
+    must not appear in the guide.  The reported loss is the negative of the unbiased ELBO
+    estimate above when the sampler has ``log_prob``; otherwise it omits the
+    :math:`-\log p(z\mid\theta,y)` term (an upper bound on :math:`\log p(y)`-scale values, useful
+    only for monitoring) and a warning says so once.
+
+    :param local_sites: a local site name (shorthand for :class:`GaussianConditional`) or a
+        conditional sampler object.
+    :param int num_particles: draws of :math:`(\theta, z)` averaged per step.
+    """
+
+    def __init__(self, local_sites, num_particles: int = 1):
+        super().__init__(num_particles=num_particles)
+        self.conditional = _as_conditional(local_sites)
+        self._warned = False
+
+    def _get_trace(self, model, guide, args, kwargs):
+        raise NotImplementedError("HybridELBO computes its particles in loss / loss_and_grads")
+
+    def _get_global_guide(self, guide):
+        return getattr(guide, "global_guide", guide)
+
+    def _particle(self, model, guide, args, kwargs):
+        guide = self._get_global_guide(guide)
+        guide_trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
+        theta = {}
+        for name, site in guide_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if name in self.conditional.sites:
+                raise ValueError(
+                    f"local site '{name}' is drawn from its exact conditional and must not be in the "
+                    "guide; build the guide on poutine.block(model, hide=[...local sites...])"
+                )
+            if not site["is_observed"] and not site["infer"].get("is_auxiliary"):
+                theta[name] = site["value"].detach()
+        z = {k: v.detach() for k, v in self.conditional(model, theta, *args, **kwargs).items()}
+        missing = set(self.conditional.sites) - set(z)
+        if missing:
+            raise ValueError(f"the conditional sampler returned no value for local sites {sorted(missing)}")
+        conditioned = poutine.condition(model, data=z)
+        model_trace = poutine.trace(poutine.replay(conditioned, trace=guide_trace)).get_trace(*args, **kwargs)
+        model_trace = prune_subsample_sites(model_trace)
+        for name, site in model_trace.nodes.items():
+            if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace.nodes:
+                raise ValueError(
+                    f"latent site '{name}' of the model is neither in the guide nor a local site "
+                    f"of the conditional sampler (local sites: {list(self.conditional.sites)})"
+                )
+        surrogate = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
+        log_conditional = None
+        if hasattr(self.conditional, "log_prob"):
+            with torch.no_grad():
+                log_conditional = self.conditional.log_prob(model, theta, z, *args, **kwargs)
+        return surrogate, log_conditional
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
+        """Negative surrogate objective whose gradient is the hybrid ELBO gradient estimate."""
+        total = 0.0
+        for _ in range(self.num_particles):
+            surrogate, _ = self._particle(model, guide, args, kwargs)
+            total = total - surrogate / self.num_particles
+        return total
+
+    def _loss_and_surrogate(self, model, guide, args, kwargs):
+        loss, surrogate_loss = 0.0, 0.0
+        for _ in range(self.num_particles):
+            surrogate, log_conditional = self._particle(model, guide, args, kwargs)
+            surrogate_loss = surrogate_loss - surrogate / self.num_particles
+            value = surrogate.detach()
+            if log_conditional is not None:
+                value = value - log_conditional
+            elif not self._warned:
+                warnings.warn(
+                    "the conditional sampler has no log_prob: the reported loss omits "
+                    "-log p(z | theta, y) and is not a negative ELBO estimate",
+                    stacklevel=3,
+                )
+                self._warned = True
+            loss = loss - float(value) / self.num_particles
+        return loss, surrogate_loss
+
+    def loss(self, model, guide, *args, **kwargs) -> float:
+        """Estimate of the negative hybrid ELBO (no gradient)."""
+        with torch.no_grad():
+            return self._loss_and_surrogate(model, guide, args, kwargs)[0]
+
+    def loss_and_grads(self, model, guide, *args, **kwargs) -> float:
+        """Estimate the negative hybrid ELBO and accumulate its gradient into the parameters."""
+        loss, surrogate_loss = self._loss_and_surrogate(model, guide, args, kwargs)
+        if torch.is_tensor(surrogate_loss) and surrogate_loss.requires_grad:
+            surrogate_loss.backward()
+        return loss
