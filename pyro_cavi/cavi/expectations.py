@@ -1,0 +1,185 @@
+r"""Expectations of traced expressions under the mean-field factors.
+
+Each function takes an expression (a plain tensor, or the :class:`~.symbolic.Expr`
+of a :class:`~.symbolic.Sym`), the factors and their current mean parameters
+``mu`` and returns a tensor of the expression's shape. They are written in terms of
+the mean parameters only, so :math:`E_q[\log p]` is a differentiable, multilinear
+function of every factor's :math:`\mu` and autograd yields the natural parameters.
+
+For an affine expression :math:`d = c + \sum_s A_s x_s`:
+
+.. math::
+    E[d] = c + \sum_s A_s m_s, \qquad
+    E[d^2] = E[d]^2 + \sum_s A_s (M_s - m_s m_sᵀ) A_sᵀ
+
+(distinct sites are independent under the mean-field posterior). For a monomial
+:math:`c \prod_j x_j^{p_j}` of positive latents, :math:`E[\log \cdot] = \log c +
+\sum_j p_j E[\log x_j]` and :math:`E[\cdot] = c \prod_j E[x_j^{p_j}]`, where every
+:math:`x^{p}` must be a sufficient statistic of its factor (``x`` for a Gamma,
+``1/x`` for an InverseGamma).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+
+from .factors import ExpFamilyFactor, _NotASufficientStatistic
+from .symbolic import Expr, Lin, Poison, Pos, describe
+
+Tensor = torch.Tensor
+Moments = Dict[str, Tuple[Tensor, ...]]
+
+
+class NotConjugate(Exception):
+    """Raised by an expectation that the factors cannot give in closed form."""
+
+
+def expr_of(x):
+    return getattr(x, "_expr", x)
+
+
+def _poison(e: Poison):
+    raise NotConjugate(e.reason)
+
+
+def _lin_terms(e: Lin, factors, mu):
+    for s, (coef, idx) in e.terms.items():
+        f = factors[s]
+        m, M = mu[s]
+        yield s, coef, idx, f, m, M
+
+
+def mean(x, factors: Dict[str, ExpFamilyFactor], mu: Moments) -> Tensor:
+    """:math:`E_q[x]` for a constant or an affine expression of Gaussian latents."""
+    e = expr_of(x)
+    if not isinstance(e, Expr):
+        return e
+    if isinstance(e, Poison):
+        _poison(e)
+    if isinstance(e, Pos):
+        raise NotConjugate(f"the positive latent {describe(e)} (only Gaussian latents may enter affinely here)")
+    out = e.const.expand(e.shape)
+    for s, coef, idx, f, m, M in _lin_terms(e, factors, mu):
+        if f.num_blocks == 1:
+            out = out + coef @ m[0]
+        else:
+            out = out + (coef * m[idx]).sum(-1)
+    return out
+
+
+def variance(x, factors, mu) -> Tensor:
+    """:math:`\\mathrm{Var}_q[x]` elementwise, for an affine expression."""
+    e = expr_of(x)
+    if not isinstance(e, Expr):
+        return torch.zeros_like(e)
+    if not isinstance(e, Lin):
+        mean(x, factors, mu)  # raises
+    out = torch.zeros((), dtype=e.const.dtype, device=e.const.device)
+    for s, coef, idx, f, m, M in _lin_terms(e, factors, mu):
+        cov = M - m.unsqueeze(-1) * m.unsqueeze(-2)
+        if f.block_size == 1:
+            c = coef[..., 0]
+            out = out + c * c * (cov[0, 0, 0] if f.num_blocks == 1 else cov[idx, 0, 0])
+        elif f.num_blocks == 1:
+            out = out + ((coef @ cov[0]) * coef).sum(-1)
+        else:
+            out = out + torch.einsum("...i,...ij,...j->...", coef, cov[idx], coef)
+    return out
+
+
+def second_moment(x, factors, mu) -> Tensor:
+    """:math:`E_q[x^2]` elementwise."""
+    m = mean(x, factors, mu)
+    return m * m + variance(x, factors, mu)
+
+
+def quadratic_form(x, precision: Tensor, factors, mu) -> Tensor:
+    """:math:`E_q[xᵀ P x]` over the last dimension of an affine expression."""
+    e = expr_of(x)
+    m = mean(x, factors, mu)
+    out = (m.unsqueeze(-1) * precision * m.unsqueeze(-2)).sum((-1, -2))
+    if not isinstance(e, Lin):
+        return out
+    for s, coef, idx, f, mm, M in _lin_terms(e, factors, mu):
+        cov = M - mm.unsqueeze(-1) * mm.unsqueeze(-2)
+        coef = coef.expand(e.shape + coef.shape[-1:])
+        if f.num_blocks == 1:
+            q = coef @ cov[0] @ coef.mT
+        else:
+            idx = idx.expand(e.shape)
+            q = torch.einsum("...ie,...ief,...jf->...ij", coef, cov[idx], coef)
+            q = q * (idx.unsqueeze(-1) == idx.unsqueeze(-2)).to(q.dtype)
+        out = out + (precision * q).sum((-1, -2))
+    return out
+
+
+def _pos(x):
+    e = expr_of(x)
+    if isinstance(e, Poison):
+        _poison(e)
+    if isinstance(e, Lin):
+        raise NotConjugate(f"affine in the Gaussian latent {describe(e)} (it must be a positive latent here)")
+    return e
+
+
+def mean_log(x, factors, mu) -> Tensor:
+    """:math:`E_q[\\log x]`."""
+    e = _pos(x)
+    if not isinstance(e, Expr):
+        return torch.log(e)
+    out = torch.log(e.scale.expand(e.shape))
+    for g in e.factors:
+        f = factors[g.site]
+        try:
+            t = f.mean_log1m(mu[g.site], g.index) if g.complement else f.mean_log(mu[g.site], g.index)
+        except _NotASufficientStatistic as err:
+            raise NotConjugate(f"{err} of the {f.family} latent {g.site!r}, which is not one of its sufficient statistics")
+        out = out + g.power * t
+    return out
+
+
+def mean_log1m(x, factors, mu) -> Tensor:
+    """:math:`E_q[\\log(1 - x)]` (a Beta latent's second statistic)."""
+    e = _pos(x)
+    if not isinstance(e, Expr):
+        return torch.log1p(-e)
+    if len(e.factors) == 1 and not e.factors[0].complement and e.factors[0].power == 1.0 and torch.all(e.scale == 1):
+        g = e.factors[0]
+        f = factors[g.site]
+        try:
+            return f.mean_log1m(mu[g.site], g.index)
+        except _NotASufficientStatistic:
+            pass
+    if len(e.factors) == 1 and e.factors[0].complement and torch.all(e.scale == 1):
+        g = e.factors[0]
+        return factors[g.site].mean_log(mu[g.site], g.index)
+    raise NotConjugate(f"1 - x of {describe(e)}, which is not a Beta latent")
+
+
+def mean_pow(x, power: float, factors, mu) -> Tensor:
+    """:math:`E_q[x^{q}]` for a monomial of independent positive latents."""
+    e = _pos(x)
+    if not isinstance(e, Expr):
+        return e ** power
+    out = e.scale.expand(e.shape) ** power
+    for g in e.factors:
+        f = factors[g.site]
+        if g.complement:
+            raise NotConjugate(f"a power of (1 - x) of {g.site!r}")
+        try:
+            t = f.mean_pow(mu[g.site], g.index, g.power * power)
+        except _NotASufficientStatistic as err:
+            raise NotConjugate(f"{err} of the {f.family} latent {g.site!r}, which is not one of its sufficient statistics")
+        out = out * t
+    return out
+
+
+def is_constant(x) -> bool:
+    return not isinstance(expr_of(x), Expr)
+
+
+def latent_sites(x) -> set:
+    e = expr_of(x)
+    return e.sites() if isinstance(e, Expr) else set()

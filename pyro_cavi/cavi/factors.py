@@ -1,0 +1,362 @@
+r"""Exponential-family factors of the mean-field posterior.
+
+Every factor says the same four things (as BayesPy's nodes do): its sufficient
+statistics :math:`T(x)` and their expectations (the *mean parameters*
+:math:`\mu = E_q[T(x)]`), how natural parameters :math:`\eta` follow from the
+gradient of the expected log joint with respect to :math:`\mu`, its entropy, and
+the posterior distribution it stands for.
+
+The update is the one of Autoconj (Hoffman, Johnson & Tran 2018) and of
+conjugate-computation VI (Khan & Lin 2017): when :math:`E_q[\log p(x, y)]` is
+multilinear in the factors' mean parameters, the optimal factor :math:`q_i` has
+natural parameters :math:`\eta_i = \partial E_q[\log p] / \partial \mu_i`, with the
+log base measure of :math:`q_i` read off as part of :math:`T`.
+
+============== ================================ =============================================
+family         sufficient statistics T(x)        natural parameters from the gradient g
+============== ================================ =============================================
+Gaussian       x, x xᵀ (per block)               Λ = −2 sym(g_{xxᵀ}),  m = Λ⁻¹ g_x
+Gamma          x, log x                          α = 1 + g_{log x},  β = −g_x
+InverseGamma   1/x, log x                        α = −1 − g_{log x},  β = −g_{1/x}
+Beta           log x, log(1 − x)                 a = 1 + g_{log x},  b = 1 + g_{log(1−x)}
+Dirichlet      log x                             α = 1 + g_{log x}
+Categorical    one-hot(x)                        probs = softmax(g)
+============== ================================ =============================================
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.distributions as tdist
+from torch.distributions.transforms import ReshapeTransform
+
+import pyro.distributions as dist
+
+from .errors import NonConjugateError
+
+Tensor = torch.Tensor
+
+
+class _NotASufficientStatistic(Exception):
+    pass
+
+
+class ExpFamilyFactor:
+    """Base class: a factor ``q(x_site)`` with mean parameters ``self.mean_params``."""
+
+    family: str = ""
+    discrete: bool = False
+    positive: bool = False
+
+    def __init__(self, site: str, shape: torch.Size, event_dim: int, dtype, device):
+        self.site = site
+        self.shape = torch.Size(shape)
+        self.event_dim = event_dim
+        self.dtype = dtype
+        self.device = device
+        self.mean_params: Tuple[Tensor, ...] = ()
+
+    # -- what every family provides
+    def update(self, grads: Tuple[Tensor, ...]) -> None:
+        raise NotImplementedError
+
+    def entropy(self) -> Tensor:
+        raise NotImplementedError
+
+    def distribution(self) -> tdist.Distribution:
+        raise NotImplementedError
+
+    def stand_in(self) -> Tensor:
+        """A concrete value used while tracing (the posterior mean)."""
+        return self.distribution().mean
+
+    # -- expectations used by expressions of positive latents
+    def mean_log(self, mu, index: Tensor) -> Tensor:
+        raise _NotASufficientStatistic("log")
+
+    def mean_log1m(self, mu, index: Tensor) -> Tensor:
+        raise _NotASufficientStatistic("log(1 - x)")
+
+    def mean_pow(self, mu, index: Tensor, power: float) -> Tensor:
+        raise _NotASufficientStatistic(f"x ** {power:g}")
+
+    def _check(self, name: str, value: Tensor) -> None:
+        if not torch.isfinite(value).all() or (value <= 0).any():
+            raise NonConjugateError(
+                f"the update of latent site {self.site!r} ({self.family}) gave a non-positive or "
+                f"non-finite {name}: the model is not conditionally conjugate in this site, or its "
+                "prior is improper"
+            )
+
+    def __repr__(self) -> str:
+        return f"{self.family}{tuple(self.shape)}"
+
+
+def _gather(t: Tensor, index: Tensor) -> Tensor:
+    return t.reshape(-1)[index]
+
+
+class GaussianFactor(ExpFamilyFactor):
+    r"""Gaussian factor with a full covariance inside each block.
+
+    In block mode each plate element of the site is an independent block of
+    ``n_e = prod(event_shape)`` elements; in dense mode (chosen automatically when
+    plate elements are coupled by the likelihood) the site is a single block.
+    Mean parameters: ``m`` of shape ``(n_blocks, n_e)`` and ``M = E[x xᵀ]`` of shape
+    ``(n_blocks, n_e, n_e)``.
+    """
+
+    family = "Gaussian"
+
+    def __init__(self, site, shape, event_dim, dtype, device, dense: bool = False):
+        super().__init__(site, shape, event_dim, dtype, device)
+        self.dense = dense
+        batch = self.shape[: len(self.shape) - event_dim]
+        event = self.shape[len(self.shape) - event_dim:]
+        if dense:
+            self.num_blocks, self.block_size = 1, self.shape.numel()
+        else:
+            self.num_blocks, self.block_size = batch.numel(), event.numel()
+        eye = torch.eye(self.block_size, dtype=dtype, device=device)
+        self.loc = torch.zeros(self.num_blocks, self.block_size, dtype=dtype, device=device)
+        self.scale_tril = eye.expand(self.num_blocks, -1, -1).clone()
+        self._set_mean_params()
+
+    def _set_mean_params(self):
+        cov = self.scale_tril @ self.scale_tril.mT
+        self.mean_params = (self.loc, cov + self.loc.unsqueeze(-1) * self.loc.unsqueeze(-2))
+
+    def set(self, loc: Tensor, scale_tril: Tensor) -> None:
+        self.loc = loc.reshape(self.num_blocks, self.block_size).to(self.dtype)
+        self.scale_tril = scale_tril.reshape(self.num_blocks, self.block_size, self.block_size).to(self.dtype)
+        self._set_mean_params()
+
+    def update(self, grads):
+        g_m, g_M = grads
+        precision = -(g_M + g_M.mT)
+        try:
+            chol = torch.linalg.cholesky(precision)
+        except RuntimeError:
+            raise NonConjugateError(
+                f"the update of latent site {self.site!r} (Gaussian) gave a precision matrix that is "
+                "not positive definite: the site's prior is improper or the model is not conditionally "
+                "conjugate in it"
+            ) from None
+        self.loc = torch.cholesky_solve(g_m.unsqueeze(-1), chol).squeeze(-1)
+        # scale_tril of the covariance: inverse of the precision's Cholesky factor, then re-factorised
+        eye = torch.eye(self.block_size, dtype=self.dtype, device=self.device)
+        cov = torch.cholesky_solve(eye.expand_as(chol), chol)
+        cov = 0.5 * (cov + cov.mT)
+        self.scale_tril = torch.linalg.cholesky(cov)
+        self._set_mean_params()
+
+    def entropy(self):
+        n = self.block_size
+        logdet = self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum()
+        return logdet + 0.5 * n * self.num_blocks * (1.0 + torch.log(torch.tensor(2 * torch.pi, dtype=self.dtype)))
+
+    def distribution(self):
+        batch = self.shape[: len(self.shape) - self.event_dim]
+        event = self.shape[len(self.shape) - self.event_dim:]
+        if not self.dense and self.event_dim == 0:
+            sd = self.scale_tril.reshape(self.num_blocks)
+            return dist.Normal(self.loc.reshape(batch), sd.abs())
+        if not self.dense and self.event_dim == 1:
+            d = self.block_size
+            return dist.MultivariateNormal(self.loc.reshape(batch + (d,)), scale_tril=self.scale_tril.reshape(batch + (d, d)))
+        mvn = dist.MultivariateNormal(self.loc.reshape(-1) if self.dense else self.loc.reshape(batch + (self.block_size,)),
+                                      scale_tril=self.scale_tril[0] if self.dense else self.scale_tril.reshape(batch + (self.block_size,) * 2))
+        out_shape = self.shape if self.dense else event
+        return dist.TransformedDistribution(mvn, [ReshapeTransform(torch.Size([self.block_size]), out_shape)])
+
+    def stand_in(self):
+        return self.loc.reshape(self.shape)
+
+    @property
+    def covariance(self) -> Tensor:
+        return self.scale_tril @ self.scale_tril.mT
+
+
+class GammaFactor(ExpFamilyFactor):
+    """``Gamma(concentration, rate)``; mean parameters ``(E[x], E[log x])``."""
+
+    family = "Gamma"
+    positive = True
+
+    def __init__(self, site, shape, event_dim, dtype, device):
+        super().__init__(site, shape, event_dim, dtype, device)
+        self.set(torch.ones(self.shape, dtype=dtype, device=device), torch.ones(self.shape, dtype=dtype, device=device))
+
+    def set(self, concentration, rate):
+        self.concentration, self.rate = concentration, rate
+        self.mean_params = (concentration / rate, torch.digamma(concentration) - rate.log())
+
+    def update(self, grads):
+        g_x, g_log = grads
+        a, b = 1.0 + g_log, -g_x
+        self._check("concentration", a)
+        self._check("rate", b)
+        self.set(a, b)
+
+    def entropy(self):
+        a, b = self.concentration, self.rate
+        return (a - b.log() + torch.lgamma(a) + (1.0 - a) * torch.digamma(a)).sum()
+
+    def distribution(self):
+        d = dist.Gamma(self.concentration, self.rate)
+        return d.to_event(self.event_dim) if self.event_dim else d
+
+    def mean_log(self, mu, index):
+        return _gather(mu[1], index)
+
+    def mean_pow(self, mu, index, power):
+        if power == 1.0:
+            return _gather(mu[0], index)
+        raise _NotASufficientStatistic(f"x ** {power:g}")
+
+
+class InverseGammaFactor(ExpFamilyFactor):
+    """``InverseGamma(concentration, rate)``; mean parameters ``(E[1/x], E[log x])``."""
+
+    family = "InverseGamma"
+    positive = True
+
+    def __init__(self, site, shape, event_dim, dtype, device):
+        super().__init__(site, shape, event_dim, dtype, device)
+        self.set(2 * torch.ones(self.shape, dtype=dtype, device=device), torch.ones(self.shape, dtype=dtype, device=device))
+
+    def set(self, concentration, rate):
+        self.concentration, self.rate = concentration, rate
+        self.mean_params = (concentration / rate, rate.log() - torch.digamma(concentration))
+
+    def update(self, grads):
+        g_inv, g_log = grads
+        a, b = -1.0 - g_log, -g_inv
+        self._check("concentration", a)
+        self._check("rate", b)
+        self.set(a, b)
+
+    def entropy(self):
+        a, b = self.concentration, self.rate
+        return (a + b.log() + torch.lgamma(a) - (1.0 + a) * torch.digamma(a)).sum()
+
+    def distribution(self):
+        d = dist.InverseGamma(self.concentration, self.rate)
+        return d.to_event(self.event_dim) if self.event_dim else d
+
+    def stand_in(self):
+        return self.rate / (self.concentration + 1.0)
+
+    def mean_log(self, mu, index):
+        return _gather(mu[1], index)
+
+    def mean_pow(self, mu, index, power):
+        if power == -1.0:
+            return _gather(mu[0], index)
+        raise _NotASufficientStatistic(f"x ** {power:g}")
+
+
+class BetaFactor(ExpFamilyFactor):
+    """``Beta(a, b)``; mean parameters ``(E[log x], E[log(1 - x)])``."""
+
+    family = "Beta"
+    positive = True
+
+    def __init__(self, site, shape, event_dim, dtype, device):
+        super().__init__(site, shape, event_dim, dtype, device)
+        one = torch.ones(self.shape, dtype=dtype, device=device)
+        self.set(one, one.clone())
+
+    def set(self, c1, c0):
+        self.concentration1, self.concentration0 = c1, c0
+        total = torch.digamma(c1 + c0)
+        self.mean_params = (torch.digamma(c1) - total, torch.digamma(c0) - total)
+
+    def update(self, grads):
+        a, b = 1.0 + grads[0], 1.0 + grads[1]
+        self._check("concentration1", a)
+        self._check("concentration0", b)
+        self.set(a, b)
+
+    def entropy(self):
+        return self.distribution().entropy().sum()
+
+    def distribution(self):
+        d = dist.Beta(self.concentration1, self.concentration0)
+        return d.to_event(self.event_dim) if self.event_dim else d
+
+    def mean_log(self, mu, index):
+        return _gather(mu[0], index)
+
+    def mean_log1m(self, mu, index):
+        return _gather(mu[1], index)
+
+
+class DirichletFactor(ExpFamilyFactor):
+    """``Dirichlet(alpha)``; mean parameters ``E[log x]``."""
+
+    family = "Dirichlet"
+    positive = True
+
+    def __init__(self, site, shape, event_dim, dtype, device):
+        super().__init__(site, shape, event_dim, dtype, device)
+        self.set(torch.ones(self.shape, dtype=dtype, device=device))
+
+    def set(self, concentration):
+        self.concentration = concentration
+        self.mean_params = (torch.digamma(concentration) - torch.digamma(concentration.sum(-1, keepdim=True)),)
+
+    def update(self, grads):
+        a = 1.0 + grads[0]
+        self._check("concentration", a)
+        self.set(a)
+
+    def entropy(self):
+        return self.distribution().entropy().sum()
+
+    def distribution(self):
+        d = dist.Dirichlet(self.concentration)
+        return d.to_event(self.event_dim - 1) if self.event_dim > 1 else d
+
+    def mean_log(self, mu, index):
+        return _gather(mu[0], index)
+
+
+class CategoricalFactor(ExpFamilyFactor):
+    """Responsibilities of a discrete site: ``probs`` of shape ``batch_shape + (K,)``.
+
+    ``support`` holds the value of each category (``0..K-1`` for a Categorical,
+    ``0., 1.`` for a Bernoulli site).
+    """
+
+    family = "Categorical"
+    discrete = True
+
+    def __init__(self, site, shape, event_dim, dtype, device, support: Tensor, bernoulli: bool = False):
+        super().__init__(site, shape, event_dim, dtype, device)
+        self.support = support
+        self.bernoulli = bernoulli
+        k = support.shape[0]
+        self.set(torch.full(self.shape + (k,), 1.0 / k, dtype=dtype, device=device))
+
+    def set(self, probs):
+        self.probs = probs
+        self.mean_params = (probs,)
+
+    def update(self, grads):
+        g = grads[0]
+        self.set(torch.softmax(g, -1))
+
+    def entropy(self):
+        p = self.probs
+        return -(torch.where(p > 0, p * p.clamp_min(torch.finfo(p.dtype).tiny).log(), torch.zeros_like(p))).sum()
+
+    def distribution(self):
+        if self.bernoulli:
+            return dist.Bernoulli(probs=self.probs[..., 1])
+        return dist.Categorical(probs=self.probs)
+
+    def stand_in(self):
+        return self.support[0].expand(self.shape)

@@ -1,0 +1,264 @@
+r"""Expected log densities :math:`E_q[\log p(x \mid \theta)]` of Pyro distributions.
+
+One small function per distribution. Each writes the log density in terms of the
+sufficient statistics its parameters need (``E[loc]``, ``E[loc²]``, ``E[log rate]``,
+``E[rate]``, ...) and asks the :class:`Expect` context for them; the context raises
+:class:`~.errors.NonConjugateError` naming the site, the parameter and the operation
+when a parameter is not of a conjugate form. Adding a conjugate pair is adding one
+function here (and, for a new latent family, one factor in :mod:`.factors`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict
+
+import torch
+import torch.distributions as tdist
+
+import pyro.distributions as dist
+from pyro.distributions.torch_distribution import MaskedDistribution, ExpandedDistribution
+
+from . import expectations as ex
+from .errors import NonConjugateError
+from .symbolic import Sym
+
+Tensor = torch.Tensor
+LOG_2PI = math.log(2 * math.pi)
+
+
+class Expect:
+    """Expectations for the site being evaluated, with errors that name it."""
+
+    def __init__(self, site: str, dist_name: str, factors, mu):
+        self.site, self.dist_name, self.factors, self.mu = site, dist_name, factors, mu
+
+    def _fail(self, param: str, x, reason: str):
+        latents = ", ".join(repr(s) for s in sorted(ex.latent_sites(x))) or "a latent site"
+        raise NonConjugateError(
+            f"latent site {latents} is not conditionally conjugate at site {self.site!r} "
+            f"({self.dist_name}): {param} of {self.site!r} is {reason}"
+        )
+
+    def _call(self, fn, param, x, *args):
+        try:
+            return fn(x, *args, self.factors, self.mu) if args else fn(x, self.factors, self.mu)
+        except ex.NotConjugate as e:
+            self._fail(param, x, str(e))
+
+    def mean(self, x, param):
+        return self._call(ex.mean, param, x)
+
+    def sq(self, x, param):
+        return self._call(ex.second_moment, param, x)
+
+    def quad(self, x, precision, param):
+        try:
+            return ex.quadratic_form(x, precision, self.factors, self.mu)
+        except ex.NotConjugate as e:
+            self._fail(param, x, str(e))
+
+    def log(self, x, param):
+        return self._call(ex.mean_log, param, x)
+
+    def log1m(self, x, param):
+        return self._call(ex.mean_log1m, param, x)
+
+    def pow(self, x, power, param):
+        try:
+            return ex.mean_pow(x, power, self.factors, self.mu)
+        except ex.NotConjugate as e:
+            self._fail(param, x, str(e))
+
+    def const(self, x, param, hint: str = ""):
+        if not ex.is_constant(x):
+            e = ex.expr_of(x)
+            reason = getattr(e, "reason", None) or f"a function of {ex.describe(e)}"
+            self._fail(param, x, f"{reason}; CAVI needs it to be a constant{hint}")
+        return x
+
+    def independent(self, a, b, what: str):
+        shared = ex.latent_sites(a) & ex.latent_sites(b)
+        if shared:
+            raise NonConjugateError(
+                f"latent site {sorted(shared)[0]!r} enters both {what} of site {self.site!r}: "
+                "their product has no closed-form expectation under the mean-field posterior"
+            )
+
+
+def _normal(fn, v, E: Expect):
+    loc, scale = fn.loc, fn.scale
+    E.independent(scale, loc, "the loc and the scale")
+    E.independent(scale, v, "the value and the scale")
+    d = v - loc
+    return -0.5 * LOG_2PI - E.log(scale, "scale") - 0.5 * E.pow(scale, -2.0, "scale") * E.sq(d, "loc")
+
+
+def _mvn(fn, v, E: Expect):
+    E.const(fn._unbroadcasted_scale_tril, "covariance")
+    L = fn._unbroadcasted_scale_tril
+    k = L.shape[-1]
+    precision = torch.cholesky_inverse(L)
+    half_logdet = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    d = v - fn.loc
+    return -0.5 * k * LOG_2PI - half_logdet - 0.5 * E.quad(d, precision, "loc")
+
+
+def _gamma(fn, v, E: Expect):
+    a = E.const(fn.concentration, "concentration")
+    E.independent(fn.rate, v, "the value and the rate")
+    b = fn.rate
+    return a * E.log(b, "rate") - torch.lgamma(a) + (a - 1) * E.log(v, "value") - E.pow(b, 1.0, "rate") * E.pow(v, 1.0, "value")
+
+
+def _inverse_gamma(fn, v, E: Expect):
+    base = fn.base_dist
+    a = E.const(base.concentration, "concentration")
+    b = base.rate
+    E.independent(b, v, "the value and the rate")
+    return a * E.log(b, "rate") - torch.lgamma(a) - (a + 1) * E.log(v, "value") - E.pow(b, 1.0, "rate") * E.pow(v, -1.0, "value")
+
+
+def _exponential(fn, v, E: Expect):
+    E.independent(fn.rate, v, "the value and the rate")
+    return E.log(fn.rate, "rate") - E.pow(fn.rate, 1.0, "rate") * E.pow(v, 1.0, "value")
+
+
+def _poisson(fn, v, E: Expect):
+    v = E.const(v, "value")
+    return v * E.log(fn.rate, "rate") - E.pow(fn.rate, 1.0, "rate") - torch.lgamma(v + 1)
+
+
+def _beta(fn, v, E: Expect):
+    a = E.const(fn.concentration1, "concentration1")
+    b = E.const(fn.concentration0, "concentration0")
+    lbeta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
+    return (a - 1) * E.log(v, "value") + (b - 1) * E.log1m(v, "value") - lbeta
+
+
+_SB_HINT = (
+    " (a softmax of latent logits has no conjugate prior; use probabilities with a Dirichlet "
+    "prior, or pyro_cavi.distributions.StickBreakingCategorical with Polya-Gamma augmentation)"
+)
+
+
+def _probs(fn, E: Expect, kind: str):
+    if "probs" in fn.__dict__ or "logits" not in fn.__dict__:
+        return fn.probs
+    E.const(fn.logits, "logits", _SB_HINT if kind == "categorical" else
+            " (logistic likelihoods with latent logits need Polya-Gamma augmentation)")
+    return fn.probs
+
+
+def _bernoulli(fn, v, E: Expect):
+    p = _probs(fn, E, "bernoulli")
+    return v * E.log(p, "probs") + (1 - v) * E.log1m(p, "probs")
+
+
+def _binomial(fn, v, E: Expect):
+    n = E.const(fn.total_count, "total_count")
+    p = _probs(fn, E, "bernoulli")
+    log_choose = torch.lgamma(n + 1) - torch.lgamma(v + 1) - torch.lgamma(n - v + 1)
+    return log_choose + v * E.log(p, "probs") + (n - v) * E.log1m(p, "probs")
+
+
+def _geometric(fn, v, E: Expect):
+    p = _probs(fn, E, "bernoulli")
+    return v * E.log1m(p, "probs") + E.log(p, "probs")
+
+
+def _categorical(fn, v, E: Expect):
+    p = _probs(fn, E, "categorical")
+    logp = E.log(p, "probs")
+    v = v.long()
+    logp, v = torch.broadcast_tensors(logp, v.unsqueeze(-1))
+    return logp.gather(-1, v[..., :1]).squeeze(-1)
+
+
+def _multinomial(fn, v, E: Expect):
+    p = _probs(fn, E, "categorical")
+    n = v.sum(-1)
+    return torch.lgamma(n + 1) - torch.lgamma(v + 1).sum(-1) + (v * E.log(p, "probs")).sum(-1)
+
+
+def _dirichlet(fn, v, E: Expect):
+    a = E.const(fn.concentration, "concentration")
+    log_norm = torch.lgamma(a).sum(-1) - torch.lgamma(a.sum(-1))
+    return ((a - 1) * E.log(v, "value")).sum(-1) - log_norm
+
+
+RULES: Dict[type, Callable] = {
+    tdist.Normal: _normal,
+    tdist.MultivariateNormal: _mvn,
+    tdist.Gamma: _gamma,
+    dist.InverseGamma: _inverse_gamma,
+    tdist.Exponential: _exponential,
+    tdist.Poisson: _poisson,
+    tdist.Beta: _beta,
+    tdist.Bernoulli: _bernoulli,
+    tdist.Binomial: _binomial,
+    tdist.Geometric: _geometric,
+    tdist.Categorical: _categorical,
+    tdist.Multinomial: _multinomial,
+    tdist.Dirichlet: _dirichlet,
+}
+
+
+def find_rule(fn) -> Callable | None:
+    for cls in type(fn).__mro__:
+        if cls in RULES:
+            return RULES[cls]
+    return None
+
+
+def unwrap(fn):
+    """Strip ``Independent``, ``MaskedDistribution`` and ``ExpandedDistribution``.
+
+    Returns ``(base, reinterpreted_event_dims, mask)``.
+    """
+    event_dims = 0
+    mask = None
+    while True:
+        if isinstance(fn, tdist.Independent):
+            event_dims += fn.reinterpreted_batch_ndims
+            fn = fn.base_dist
+        elif isinstance(fn, MaskedDistribution):
+            mask = fn._mask if mask is None else mask & fn._mask
+            fn = fn.base_dist
+        elif isinstance(fn, ExpandedDistribution):
+            fn = fn.base_dist
+        else:
+            return fn, event_dims, mask
+
+
+def _params(fn):
+    out = {}
+    for k in getattr(fn, "arg_constraints", {}):
+        if k in fn.__dict__:
+            out[k] = fn.__dict__[k]
+    return out
+
+
+def expected_log_prob(name: str, fn, value, factors, mu) -> Tensor:
+    """:math:`E_q[\\log p(value \\mid params)]` with the batch shape of ``fn`` (event dims summed)."""
+    base, event_dims, mask = unwrap(fn)
+    rule = find_rule(base)
+    E = Expect(name, type(base).__name__, factors, mu)
+    if rule is None:
+        symbolic = [k for k, p in _params(base).items() if isinstance(p, Sym)]
+        if symbolic or isinstance(value, Sym):
+            what = f"parameter {symbolic[0]!r}" if symbolic else "value"
+            latent = ex.latent_sites(_params(base)[symbolic[0]]) if symbolic else ex.latent_sites(value)
+            raise NonConjugateError(
+                f"latent site {', '.join(repr(s) for s in sorted(latent))} is not conditionally conjugate "
+                f"at site {name!r}: CAVI has no conjugate rule for a {type(base).__name__} whose {what} "
+                "depends on a latent site"
+            )
+        lp = base.log_prob(value)
+    else:
+        lp = rule(base, value, E)
+    if event_dims:
+        lp = lp.sum(tuple(range(-event_dims, 0)))
+    if mask is not None:
+        lp = torch.where(mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
+    return lp

@@ -1,0 +1,185 @@
+"""Reading a Pyro model's structure: latent sites, plates and the symbolic log joint.
+
+Two passes, both through Pyro's effect handlers and the unmodified model:
+
+1. an ordinary :func:`pyro.poutine.trace` of the prior, which gives every site's
+   distribution, shape, plates and observed data (validated here: NaN, inf and
+   shape mismatches are refused with the site's name);
+2. a symbolic pass (:class:`SymbolicMessenger`) in which every continuous latent is
+   replaced by a :class:`~.symbolic.Sym` holding its own identity expression and
+   every discrete latent by its enumerated support in a dimension of its own, to
+   the left of the plates (as in Pyro's parallel enumeration). What reaches each
+   ``pyro.sample`` statement is recorded as a :class:`Term`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
+
+from .errors import NonConjugateError
+from .rules import unwrap
+
+Tensor = torch.Tensor
+
+GAUSSIAN = (dist.Normal, dist.MultivariateNormal)
+POSITIVE = {dist.Gamma: "Gamma", dist.InverseGamma: "InverseGamma", dist.Beta: "Beta", dist.Dirichlet: "Dirichlet"}
+DISCRETE = (dist.Categorical, dist.Bernoulli)
+
+
+@dataclass
+class LatentSite:
+    name: str
+    family: str  # Gaussian | Gamma | InverseGamma | Beta | Dirichlet | Categorical
+    shape: torch.Size
+    event_dim: int
+    support: Optional[Tensor] = None  # enumerated values of a discrete site
+    enum_dim: Optional[int] = None
+
+
+@dataclass
+class Term:
+    """One ``pyro.sample`` statement of the model, traced symbolically."""
+
+    name: str
+    fn: object
+    value: object
+    is_observed: bool
+    scale: object = 1.0
+    mask: Optional[Tensor] = None
+    latent: set = field(default_factory=set)  # continuous latents it involves
+    discrete: List[str] = field(default_factory=list)  # discrete latents it involves
+    uses: Dict[str, str] = field(default_factory=dict)  # latent -> which parameter
+
+
+def _family(name: str, fn) -> tuple[str, int]:
+    base, _, _ = unwrap(fn)
+    if isinstance(base, GAUSSIAN):
+        return "Gaussian", fn.event_dim
+    for cls, fam in POSITIVE.items():
+        if isinstance(base, cls):
+            return fam, fn.event_dim
+    if isinstance(base, DISCRETE):
+        if fn.event_dim:
+            raise NonConjugateError(f"discrete latent site {name!r} has event dims; CAVI enumerates scalar discrete sites only")
+        return "Categorical", 0
+    raise NonConjugateError(
+        f"latent site {name!r} has a {type(base).__name__} prior: CAVI has exponential-family factors for latent "
+        "Normal / MultivariateNormal, Gamma, InverseGamma, Beta, Dirichlet, Categorical and Bernoulli sites"
+    )
+
+
+def _check_observed(name: str, site) -> None:
+    value = site["value"]
+    fn = site["fn"]
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"observed site {name!r}: data must be a torch.Tensor, got {type(value).__name__}")
+    if value.is_floating_point() and not torch.isfinite(value).all():
+        bad = (~torch.isfinite(value)).sum().item()
+        raise ValueError(
+            f"observed site {name!r} contains {bad} NaN or infinite value(s); remove them or mask them "
+            "with poutine.mask / .mask(...)"
+        )
+    expected = fn.batch_shape + fn.event_shape
+    try:
+        torch.broadcast_shapes(value.shape, expected)
+    except RuntimeError:
+        raise ValueError(
+            f"observed site {name!r}: data of shape {tuple(value.shape)} do not match the distribution's "
+            f"shape {tuple(expected)} (batch {tuple(fn.batch_shape)}, event {tuple(fn.event_shape)})"
+        ) from None
+    if value.dim() > len(expected) or any(v > e for v, e in zip(value.shape[::-1], expected[::-1])):
+        raise ValueError(
+            f"observed site {name!r}: data of shape {tuple(value.shape)} are larger than the distribution's "
+            f"shape {tuple(expected)}; wrap the site in a pyro.plate of the right size"
+        )
+
+
+def prior_structure(model, args, kwargs):
+    """Trace the prior once; return (latent sites in order, observed site names, max plate nesting, dtype, device)."""
+    with pyro.validation_enabled(False):
+        tr = poutine.trace(model).get_trace(*args, **kwargs)
+    latents: Dict[str, LatentSite] = {}
+    observed = []
+    nesting = 0
+    dtype, device = None, None
+    for name, site in tr.nodes.items():
+        if site["type"] != "sample" or site_is_subsample(site):
+            continue
+        fn = site["fn"]
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and frame.dim is not None:
+                nesting = max(nesting, -frame.dim)
+        if site["is_observed"]:
+            if site["infer"].get("_deterministic"):
+                continue
+            _check_observed(name, site)
+            observed.append(name)
+            v = site["value"]
+            if dtype is None and v.is_floating_point():
+                dtype, device = v.dtype, v.device
+            continue
+        family, event_dim = _family(name, fn)
+        shape = site["value"].shape
+        support = None
+        if family == "Categorical":
+            base, _, _ = unwrap(fn)
+            if isinstance(base, dist.Bernoulli):
+                support = torch.tensor([0.0, 1.0])
+            else:
+                support = torch.arange(base._num_events)
+        nesting = max(nesting, len(fn.batch_shape))
+        latents[name] = LatentSite(name, family, shape, event_dim, support)
+    if device is None:
+        for site in tr.nodes.values():
+            if site["type"] == "sample" and isinstance(site["value"], torch.Tensor) and site["value"].is_floating_point():
+                device = site["value"].device
+                break
+    dtype = dtype or torch.get_default_dtype()
+    device = device or torch.device("cpu")
+    for i, site in enumerate(s for s in latents.values() if s.family == "Categorical"):
+        site.enum_dim = -(nesting + 1 + i)
+        site.support = site.support.to(device=device, dtype=dtype if site.support.is_floating_point() else torch.long)
+    return latents, observed, nesting, dtype, device
+
+
+class SymbolicMessenger(Messenger):
+    """Replaces latent values by symbolic stand-ins and records every sample site as a :class:`Term`."""
+
+    def __init__(self, values: Dict[str, Tensor]):
+        super().__init__()
+        self.values = values
+        self.terms: List[Term] = []
+
+    def _process_message(self, msg):
+        if msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg):
+            return
+        if msg["name"] not in self.values:
+            raise NonConjugateError(f"site {msg['name']!r} appeared in the model after tracing; its structure changed")
+        msg["value"] = self.values[msg["name"]]
+        msg["done"] = True
+        msg["infer"] = dict(msg["infer"], _cavi=True)
+
+    def _postprocess_message(self, msg):
+        if msg["type"] != "sample" or msg["infer"].get("_deterministic") or site_is_subsample(msg):
+            return
+        mask = msg["mask"] if isinstance(msg["mask"], torch.Tensor) else None
+        if msg["mask"] is False:
+            mask = torch.zeros((), dtype=torch.bool)
+        self.terms.append(Term(msg["name"], msg["fn"], msg["value"], msg["is_observed"], msg["scale"], mask))
+
+
+def symbolic_trace(model, args, kwargs, values: Dict[str, Tensor]) -> List[Term]:
+    with pyro.validation_enabled(False):
+        messenger = SymbolicMessenger(values)
+        with messenger:
+            model(*args, **kwargs)
+    return messenger.terms
