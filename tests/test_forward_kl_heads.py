@@ -140,3 +140,9 @@ def test_amortised_posterior_at_one_data_set():
     assert torch.allclose(single["b"].mean, batched["b"].mean[0])
     with pytest.raises(TypeError, match="head for site 'c'"):
         AmortisedPosterior(torch.nn.Linear(3, 2), {"c": torch.nn.Linear(2, 2)})
+
+
+def test_von_mises_head_gradient_is_finite_at_zero():
+    raw = torch.zeros(4, 2, requires_grad=True)
+    VonMisesHead()(raw).log_prob(torch.rand(4)).sum().backward()
+    assert torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0

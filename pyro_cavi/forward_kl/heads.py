@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -158,29 +160,6 @@ class VonMisesHead(ExponentialFamilyHead):
         return _NaturalVonMises(eta_cos, eta_sin, self.min_concentration).to_event(len(self.shape))
 
 
-class _NaturalVonMises(dist.VonMises):
-    """VonMises whose ``log_prob`` is written in ``η`` (``η·(cos θ, sin θ) - log 2π I₀(‖η‖)``),
-    so that its gradient is finite at ``η = 0``, where ``atan2`` has none."""
-
-    def __init__(self, eta_cos: torch.Tensor, eta_sin: torch.Tensor, min_concentration: float) -> None:
-        self.eta_cos, self.eta_sin = eta_cos, eta_sin
-        concentration = torch.sqrt(eta_cos**2 + eta_sin**2 + min_concentration**2)
-        super().__init__(torch.atan2(eta_sin.detach(), eta_cos.detach()), concentration)
-
-    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        kappa = self.concentration
-        log_normaliser = math.log(2 * math.pi) + torch.log(torch.special.i0e(kappa)) + kappa
-        return self.eta_cos * torch.cos(value) + self.eta_sin * torch.sin(value) - log_normaliser
-
-    def expand(self, batch_shape, _instance=None):
-        batch_shape = torch.Size(batch_shape)
-        return _NaturalVonMises(
-            self.eta_cos.expand(batch_shape), self.eta_sin.expand(batch_shape), 0.0
-        ) if False else super().expand(batch_shape, _instance)
-
-
 class GammaHead(ExponentialFamilyHead):
     r"""Gamma in natural parameters ``η₁ = α - 1 > -1``, ``η₂ = -β < 0``.
 
@@ -227,3 +206,37 @@ class CategoricalHead(ExponentialFamilyHead):
     def forward(self, raw: torch.Tensor) -> Distribution:
         logits = torch.stack(self._split(raw), dim=-1)
         return dist.Categorical(logits=logits).to_event(len(self.shape))
+
+
+class _NaturalVonMises(dist.VonMises):
+    """VonMises whose ``log_prob`` is written in ``η`` (``η·(cos θ, sin θ) - log 2π I₀(‖η‖)``),
+    so that its gradient is finite at ``η = 0``, where that of ``atan2`` is not."""
+
+    def __init__(
+        self,
+        eta_cos: torch.Tensor,
+        eta_sin: torch.Tensor,
+        min_concentration: float = 0.0,
+        validate_args: bool | None = None,
+    ) -> None:
+        self.eta_cos, self.eta_sin = eta_cos, eta_sin
+        self.min_concentration = min_concentration
+        concentration = torch.sqrt(eta_cos**2 + eta_sin**2 + min_concentration**2)
+        loc = torch.atan2(eta_sin.detach(), eta_cos.detach())
+        super().__init__(loc, concentration, validate_args=validate_args)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        kappa = self.concentration
+        log_normaliser = math.log(2 * math.pi) + torch.log(torch.special.i0e(kappa)) + kappa
+        return self.eta_cos * torch.cos(value) + self.eta_sin * torch.sin(value) - log_normaliser
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        return _NaturalVonMises(
+            self.eta_cos.expand(batch_shape),
+            self.eta_sin.expand(batch_shape),
+            self.min_concentration,
+            validate_args=self.__dict__.get("_validate_args"),
+        )
