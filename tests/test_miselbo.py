@@ -19,6 +19,15 @@ from pyro_cavi.miselbo import MISELBO, AmortizedMixtureGuide, MixtureEncoder, Mi
 PRIOR_SCALE, NOISE_SCALE, D = 1.5, 1.0, 2
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: intra-op threading only adds overhead on the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class FixedNoiseNormal(dist.Normal):
     """Normal whose reparameterised draw uses a fixed standard-normal ``noise``."""
 
