@@ -165,14 +165,11 @@ class CAVI:
         which latents each term involves."""
         mu = self._moments()
         for term in self.terms:
-            lp = self._expected_log_prob(term, mu)
-            term.latent = set(latent_sites(term.value))
-            base, _, _ = unwrap(term.fn)
-            for k, p in getattr(base, "arg_constraints", {}).items():
-                p = base.__dict__.get(k)
-                for s in latent_sites(p):
-                    term.latent.add(s)
-                    term.uses.setdefault(s, f"{k} of {term.name!r} ({type(base).__name__})")
+            used: Dict[str, str] = {}
+            lp = expected_log_prob(term.name, term.fn, term.value, self.factors, mu, used)
+            name = term.name
+            term.latent = set(used)
+            term.uses = {s: f"{p} of {name!r} ({type(unwrap(term.fn)[0]).__name__})" for s, p in used.items()}
             term.discrete = [
                 name for name, site in self.latents.items()
                 if site.family == "Categorical" and lp.dim() >= -site.enum_dim and lp.shape[site.enum_dim] > 1

@@ -30,7 +30,6 @@ from typing import Optional, Tuple
 
 import torch
 import torch.distributions as tdist
-from torch.distributions.transforms import ReshapeTransform
 
 import pyro.distributions as dist
 
@@ -136,14 +135,17 @@ class GaussianFactor(ExpFamilyFactor):
     def update(self, grads):
         g_m, g_M = grads
         precision = -(g_M + g_M.mT)
+        if self.block_size == 1:  # scalar blocks: no LAPACK call
+            if not bool((precision > 0).all()):
+                self._not_positive_definite()
+            self.loc = g_m / precision[..., 0]
+            self.scale_tril = precision.rsqrt()
+            self._set_mean_params()
+            return
         try:
             chol = torch.linalg.cholesky(precision)
         except RuntimeError:
-            raise NonConjugateError(
-                f"the update of latent site {self.site!r} (Gaussian) gave a precision matrix that is "
-                "not positive definite: the site's prior is improper or the model is not conditionally "
-                "conjugate in it"
-            ) from None
+            self._not_positive_definite()
         self.loc = torch.cholesky_solve(g_m.unsqueeze(-1), chol).squeeze(-1)
         # scale_tril of the covariance: inverse of the precision's Cholesky factor, then re-factorised
         eye = torch.eye(self.block_size, dtype=self.dtype, device=self.device)
@@ -151,6 +153,13 @@ class GaussianFactor(ExpFamilyFactor):
         cov = 0.5 * (cov + cov.mT)
         self.scale_tril = torch.linalg.cholesky(cov)
         self._set_mean_params()
+
+    def _not_positive_definite(self):
+        raise NonConjugateError(
+            f"the update of latent site {self.site!r} (Gaussian) gave a precision matrix that is "
+            "not positive definite: the site's prior is improper or the model is not conditionally "
+            "conjugate in it"
+        )
 
     def entropy(self):
         n = self.block_size
@@ -161,15 +170,14 @@ class GaussianFactor(ExpFamilyFactor):
         batch = self.shape[: len(self.shape) - self.event_dim]
         event = self.shape[len(self.shape) - self.event_dim:]
         if not self.dense and self.event_dim == 0:
-            sd = self.scale_tril.reshape(self.num_blocks)
-            return dist.Normal(self.loc.reshape(batch), sd.abs())
+            return dist.Normal(self.loc.reshape(batch), self.scale_tril.reshape(batch).abs())
         if not self.dense and self.event_dim == 1:
             d = self.block_size
             return dist.MultivariateNormal(self.loc.reshape(batch + (d,)), scale_tril=self.scale_tril.reshape(batch + (d, d)))
-        mvn = dist.MultivariateNormal(self.loc.reshape(-1) if self.dense else self.loc.reshape(batch + (self.block_size,)),
-                                      scale_tril=self.scale_tril[0] if self.dense else self.scale_tril.reshape(batch + (self.block_size,) * 2))
-        out_shape = self.shape if self.dense else event
-        return dist.TransformedDistribution(mvn, [ReshapeTransform(torch.Size([self.block_size]), out_shape)])
+        if self.dense:
+            return ReshapedMultivariateNormal(self.loc[0], self.scale_tril[0], self.shape)
+        loc = self.loc.reshape(batch + (self.block_size,))
+        return ReshapedMultivariateNormal(loc, self.scale_tril.reshape(batch + (self.block_size,) * 2), event)
 
     def stand_in(self):
         return self.loc.reshape(self.shape)
@@ -177,6 +185,51 @@ class GaussianFactor(ExpFamilyFactor):
     @property
     def covariance(self) -> Tensor:
         return self.scale_tril @ self.scale_tril.mT
+
+
+class ReshapedMultivariateNormal(dist.TorchDistribution):
+    """A multivariate normal over a flattened block, presented with the site's own shape
+    (a joint Gaussian over a whole plate, or over a matrix-valued event)."""
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, loc: Tensor, scale_tril: Tensor, event_shape: torch.Size, validate_args=None):
+        self.mvn = dist.MultivariateNormal(loc, scale_tril=scale_tril)
+        super().__init__(self.mvn.batch_shape, torch.Size(event_shape), validate_args=False)
+
+    def _flat(self, value: Tensor) -> Tensor:
+        return value.reshape(value.shape[: value.dim() - len(self.event_shape)] + (-1,))
+
+    def _shaped(self, value: Tensor) -> Tensor:
+        return value.reshape(value.shape[:-1] + self.event_shape)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self._shaped(self.mvn.rsample(sample_shape))
+
+    def log_prob(self, value):
+        return self.mvn.log_prob(self._flat(value))
+
+    @property
+    def mean(self):
+        return self._shaped(self.mvn.mean)
+
+    @property
+    def variance(self):
+        return self._shaped(self.mvn.variance)
+
+    @property
+    def covariance_matrix(self):
+        return self.mvn.covariance_matrix
+
+    def entropy(self):
+        return self.mvn.entropy()
+
+    def expand(self, batch_shape, _instance=None):
+        batch_shape = torch.Size(batch_shape)
+        loc = self.mvn.loc.expand(batch_shape + self.mvn.event_shape)
+        tril = self.mvn.scale_tril.expand(batch_shape + self.mvn.scale_tril.shape[-2:])
+        return ReshapedMultivariateNormal(loc, tril, self.event_shape)
 
 
 class GammaFactor(ExpFamilyFactor):

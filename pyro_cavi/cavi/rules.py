@@ -32,6 +32,11 @@ class Expect:
 
     def __init__(self, site: str, dist_name: str, factors, mu):
         self.site, self.dist_name, self.factors, self.mu = site, dist_name, factors, mu
+        self.used: Dict[str, str] = {}  # latent site -> the parameter it entered through
+
+    def _record(self, x, param: str) -> None:
+        for s in ex.latent_sites(x):
+            self.used.setdefault(s, param)
 
     def _fail(self, param: str, x, reason: str):
         latents = ", ".join(repr(s) for s in sorted(ex.latent_sites(x))) or "a latent site"
@@ -41,6 +46,7 @@ class Expect:
         )
 
     def _call(self, fn, param, x, *args):
+        self._record(x, param)
         try:
             return fn(x, *args, self.factors, self.mu) if args else fn(x, self.factors, self.mu)
         except ex.NotConjugate as e:
@@ -53,6 +59,7 @@ class Expect:
         return self._call(ex.second_moment, param, x)
 
     def quad(self, x, precision, param):
+        self._record(x, param)
         try:
             return ex.quadratic_form(x, precision, self.factors, self.mu)
         except ex.NotConjugate as e:
@@ -65,6 +72,7 @@ class Expect:
         return self._call(ex.mean_log1m, param, x)
 
     def pow(self, x, power, param):
+        self._record(x, param)
         try:
             return ex.mean_pow(x, power, self.factors, self.mu)
         except ex.NotConjugate as e:
@@ -239,8 +247,11 @@ def _params(fn):
     return out
 
 
-def expected_log_prob(name: str, fn, value, factors, mu) -> Tensor:
-    """:math:`E_q[\\log p(value \\mid params)]` with the batch shape of ``fn`` (event dims summed)."""
+def expected_log_prob(name: str, fn, value, factors, mu, used: Dict[str, str] | None = None) -> Tensor:
+    """:math:`E_q[\\log p(value \\mid params)]` with the batch shape of ``fn`` (event dims summed).
+
+    If ``used`` is given, it receives the latent sites the density depends on and the
+    parameter each enters through."""
     base, event_dims, mask = unwrap(fn)
     rule = find_rule(base)
     E = Expect(name, type(base).__name__, factors, mu)
@@ -257,6 +268,8 @@ def expected_log_prob(name: str, fn, value, factors, mu) -> Tensor:
         lp = base.log_prob(value)
     else:
         lp = rule(base, value, E)
+        if used is not None:
+            used.update(E.used)
     if event_dims:
         lp = lp.sum(tuple(range(-event_dims, 0)))
     if mask is not None:

@@ -145,7 +145,7 @@ class Sym(torch.Tensor):
         except _Unsupported as e:
             expr = Poison(str(e), _sites_in(args), result.shape)
         if expr is None:
-            expr = Poison(f"{name}(...) of {_describe_args(args)}", _sites_in(args), result.shape)
+            expr = Poison(f"{name.strip('_')}(...) of {_describe_args(args)}", _sites_in(args), result.shape)
         return _wrap(result, expr)
 
 
@@ -753,6 +753,7 @@ _RULES: Dict[str, Callable[..., Any]] = {
     "__truediv__": _rule_binary("div"),
     "__rtruediv__": _rule_binary("div", swap=True),
     "__div__": _rule_binary("div"),
+    "__rdiv__": _rule_binary("div", swap=True),
     "neg": _rule_neg,
     "negative": _rule_neg,
     "__neg__": _rule_neg,
