@@ -83,13 +83,30 @@ class DiagonalNormalHead(ExponentialFamilyHead):
     ``η₁`` is the raw output and ``η₂ = -(softplus(raw₂) + min_precision / 2)``, so
     ``σ² = -1/(2η₂)`` and ``μ = η₁ σ²``. A zero network output gives
     ``N(0, 1/(2 log 2))``.
+
+    ``loc`` and ``scale`` standardise the site: the natural parameters are those
+    of ``(θ - loc) / scale`` (an affine map keeps ``q`` Gaussian and the loss
+    convex in ``η``). Set them to the prior's location and scale when ``θ`` lives
+    far from ``O(1)``.
     """
 
-    def __init__(self, shape: int | Sequence[int] = (), min_precision: float = 1e-6) -> None:
+    def __init__(
+        self,
+        shape: int | Sequence[int] = (),
+        min_precision: float = 1e-6,
+        loc: float | torch.Tensor = 0.0,
+        scale: float | torch.Tensor = 1.0,
+    ) -> None:
         super().__init__(shape, 2)
         self.min_precision = min_precision
+        scale = torch.as_tensor(scale, dtype=torch.get_default_dtype())
+        if (scale <= 0).any():
+            raise ValueError(f"DiagonalNormalHead scale must be positive, got {scale}")
+        self.register_buffer("loc", torch.as_tensor(loc, dtype=torch.get_default_dtype()))
+        self.register_buffer("scale", scale)
 
     def natural_parameters(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Natural parameters of the standardised site ``(θ - loc) / scale``."""
         eta1, raw2 = self._split(raw)
         eta2 = -(F.softplus(raw2) + 0.5 * self.min_precision)
         return eta1, eta2
@@ -97,7 +114,8 @@ class DiagonalNormalHead(ExponentialFamilyHead):
     def forward(self, raw: torch.Tensor) -> Distribution:
         eta1, eta2 = self.natural_parameters(raw)
         variance = -0.5 / eta2
-        return dist.Normal(eta1 * variance, variance.sqrt()).to_event(len(self.shape))
+        mean = self.loc + self.scale * eta1 * variance
+        return dist.Normal(mean, self.scale * variance.sqrt()).to_event(len(self.shape))
 
 
 class MultivariateNormalHead(ExponentialFamilyHead):
