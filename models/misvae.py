@@ -142,12 +142,14 @@ class MISVAE(nn.Module):
     """Bernoulli VAE with a uniform-mixture encoder of ``num_components`` Gaussians.
 
     ``vae.model(x)`` and ``vae.guide(x)`` are an ordinary Pyro model / guide pair; train with
-    ``SVI(vae.model, vae.guide, optim, loss=MISELBO(...))``.
+    ``SVI(vae.model, vae.guide, optim, loss=MISELBO(...))``. ``name`` prefixes the networks'
+    names in Pyro's param store (give each model alive at the same time its own).
     """
 
     def __init__(self, input_dim: int = 64, latent_dim: int = 8, num_components: int = 1,
-                 hidden_dim: int = 128, encoder: str = "shared"):
+                 hidden_dim: int = 128, encoder: str = "shared", name: str = "misvae"):
         super().__init__()
+        self.name = name
         if encoder not in ("shared", "separate"):
             raise ValueError(f"encoder must be 'shared' or 'separate', got {encoder!r}")
         self.latent_dim = latent_dim
@@ -156,14 +158,14 @@ class MISVAE(nn.Module):
             self.encoder = MixtureEncoder(input_dim, latent_dim, num_components, hidden_dims=(hidden_dim,))
         else:
             self.encoder = SeparateMixtureEncoder(input_dim, latent_dim, num_components, hidden_dim)
-        self.guide = AmortizedMixtureGuide(self.encoder, site="z", plate="data")
+        self.guide = AmortizedMixtureGuide(self.encoder, site="z", plate="data", name=f"{name}.encoder")
 
     @property
     def num_components(self) -> int:
         return self.encoder.num_components
 
     def model(self, x):
-        pyro.module("decoder", self.decoder)
+        pyro.module(f"{self.name}.decoder", self.decoder)
         with pyro.plate("data", x.shape[0]):
             z = pyro.sample("z", dist.Normal(x.new_zeros(self.latent_dim), 1.0).to_event(1))
             pyro.sample("x", dist.Bernoulli(logits=self.decoder(z)).to_event(1), obs=x)
@@ -175,26 +177,37 @@ class MISVAE(nn.Module):
 # ------------------------------------------------------------------- train and test
 
 
-def train(vae: MISVAE, train_probs, *, epochs: int = 20, batch_size: int = 100, estimator: str = "s2a",
-          num_sampled: int = 1, num_particles: int = 1, lr: float = 1e-3, seed: int = 0, verbose: bool = False):
-    """Trains ``vae`` with MISELBO on dynamically binarised ``train_probs``; returns the mean
-    training loss (-MISELBO per datum) and the wall-clock seconds of every epoch."""
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
+def make_svi(vae: MISVAE, *, estimator: str = "s2a", num_sampled: int = 1, num_particles: int = 1,
+             lr: float = 1e-3) -> SVI:
+    """``SVI`` with MISELBO (``S = min(num_sampled, A)``) and Adam for ``vae``."""
     elbo = MISELBO(num_components=vae.num_components, num_sampled=min(num_sampled, vae.num_components),
                    estimator=estimator, num_particles=num_particles, vectorize_particles=True,
                    max_plate_nesting=1)
-    svi = SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
+    return SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": lr}), loss=elbo)
+
+
+def train_epoch(svi: SVI, train_probs, batch_size: int = 100) -> float:
+    """One pass over dynamically binarised ``train_probs``; returns the mean -MISELBO per datum."""
+    order = torch.randperm(len(train_probs))
+    total = 0.0
+    for i in range(0, len(order), batch_size):
+        total += svi.step(torch.bernoulli(train_probs[order[i: i + batch_size]]))
+    return total / len(train_probs)
+
+
+def train(vae: MISVAE, train_probs, *, epochs: int = 20, batch_size: int = 100, estimator: str = "s2a",
+          num_sampled: int = 1, num_particles: int = 1, lr: float = 1e-3, seed: int = 0, verbose: bool = False):
+    """Trains ``vae`` with MISELBO on dynamically binarised ``train_probs`` (clearing the param
+    store first); returns the mean training loss (-MISELBO per datum) and the wall-clock seconds
+    of every epoch."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    svi = make_svi(vae, estimator=estimator, num_sampled=num_sampled, num_particles=num_particles, lr=lr)
     losses, seconds = [], []
     for epoch in range(epochs):
         start = time.perf_counter()
-        order = torch.randperm(len(train_probs))
-        total = 0.0
-        for i in range(0, len(order), batch_size):
-            x = torch.bernoulli(train_probs[order[i: i + batch_size]])
-            total += svi.step(x)
+        losses.append(train_epoch(svi, train_probs, batch_size))
         seconds.append(time.perf_counter() - start)
-        losses.append(total / len(train_probs))
         if verbose:
             print(f"epoch {epoch + 1:3d}  -MISELBO/datum {losses[-1]:8.3f}  {seconds[-1]:.2f}s")
     return losses, seconds
