@@ -18,39 +18,61 @@ into an enclosing trace.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
-import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 
-def _local_trace(model, data: dict, *args, **kwargs):
-    with poutine.block():
-        return poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+class _LocalLeafMessenger(Messenger):
+    """Sets local site ``site`` to a fresh leaf tensor (``value``, or zeros) marked observed."""
+
+    def __init__(self, site: str, value: Tensor | None = None):
+        super().__init__()
+        self.site = site
+        self.value = value
+        self.leaf: Tensor | None = None
+        self.event_dim = 0
+
+    def _pyro_sample(self, msg):
+        if msg["name"] != self.site:
+            return
+        if msg["is_observed"]:
+            raise ValueError(f"local site '{self.site}' is observed; name a latent site")
+        support = msg["fn"].support
+        while isinstance(support, dist.constraints.independent):
+            support = support.base_constraint
+        if support is not dist.constraints.real:
+            raise ValueError(
+                f"local site '{self.site}' has support {msg['fn'].support}; a Gaussian conditional "
+                "needs a real-valued site"
+            )
+        shape = msg["fn"].shape()
+        if self.value is None or self.value.shape != shape:  # no (or stale) value: start at zero
+            self.leaf = torch.zeros(shape, requires_grad=True)
+        elif self.value.requires_grad:
+            self.leaf = self.value
+        else:
+            self.leaf = self.value.clone().requires_grad_(True)
+        self.event_dim = msg["fn"].event_dim
+        msg["value"] = self.leaf
+        msg["is_observed"] = True
 
 
-def _site_event_dim(model, site: str, theta: dict, *args, **kwargs) -> tuple[torch.Size, int]:
-    trace = _local_trace(model, theta, *args, **kwargs)
-    if site not in trace.nodes or trace.nodes[site]["type"] != "sample":
+def _trace_at(model, theta: dict, site: str, value: Tensor | None, *args, **kwargs):
+    """Trace of ``model`` given ``theta`` with local ``site`` at a leaf tensor; returns (trace, leaf, event_dim)."""
+    leaf = _LocalLeafMessenger(site, value)
+    with torch.enable_grad(), poutine.block(), leaf:
+        trace = poutine.trace(poutine.condition(model, data=theta)).get_trace(*args, **kwargs)
+    if leaf.leaf is None:
         raise ValueError(f"local site '{site}' is not a sample site of the model")
-    node = trace.nodes[site]
-    if node["is_observed"]:
-        raise ValueError(f"local site '{site}' is observed; name a latent site")
-    support = node["fn"].support
-    while isinstance(support, dist.constraints.independent):
-        support = support.base_constraint
-    if support is not dist.constraints.real:
-        raise ValueError(
-            f"local site '{site}' has support {node['fn'].support}; a Gaussian conditional needs "
-            "a real-valued site"
-        )
-    return node["value"].shape, node["fn"].event_dim
+    return trace, leaf.leaf, leaf.event_dim
 
 
 def gaussian_from_quadratic(
@@ -72,10 +94,18 @@ def gaussian_from_quadratic(
     elements, raising a ``ValueError`` naming ``site`` otherwise.
     """
     with torch.enable_grad():
-        batch_shape = z0.shape[: z0.dim() - event_dim]
-        k = int(np.prod(z0.shape[z0.dim() - event_dim :], dtype=np.int64))
         z = z0.detach().clone().requires_grad_(True)
         logp = log_density(z)
+    return _gaussian_from_graph(logp, z, event_dim, site, log_density if validate else None)
+
+
+def _gaussian_from_graph(logp: Tensor, z: Tensor, event_dim: int, site: str, log_density=None):
+    """As :func:`gaussian_from_quadratic`, from ``logp`` already computed at the leaf ``z``;
+    validates when ``log_density`` is given."""
+    z0 = z
+    with torch.enable_grad():
+        batch_shape = z0.shape[: z0.dim() - event_dim]
+        k = int(np.prod(z0.shape[z0.dim() - event_dim :], dtype=np.int64))
         (grad,) = torch.autograd.grad(logp, z, create_graph=True)
         if not grad.requires_grad:
             raise ValueError(f"the log joint does not depend quadratically on local site '{site}'")
@@ -98,7 +128,7 @@ def gaussian_from_quadratic(
         mean = z0.detach().reshape(batch_shape + (k,)) + torch.cholesky_solve(
             grad_flat.detach().unsqueeze(-1), chol
         ).squeeze(-1)
-        if validate:
+        if log_density is not None:
             probe = torch.randn_like(grad_flat)
             (hv,) = torch.autograd.grad(grad_flat, z, grad_outputs=probe)
             block_hv = -(precision @ probe.unsqueeze(-1)).squeeze(-1)
@@ -143,28 +173,35 @@ class GaussianConditional:
         self.sites = (site,)
         self.validate = validate
         self._validated = False
+        self._cache = None
 
     def distribution(self, model, theta: dict, *args, **kwargs) -> dist.MultivariateNormal:
         """``p(z | theta, y)`` as a batch of MultivariateNormals over the flattened event."""
         return self._distribution(model, theta, *args, **kwargs)[0]
 
     def _distribution(self, model, theta, *args, **kwargs):
-        shape, event_dim = _site_event_dim(model, self.site, theta, *args, **kwargs)
+        if self._cache is not None and self._cache[0] is theta:
+            return self._cache[1:]
+        trace, leaf, event_dim = _trace_at(model, theta, self.site, None, *args, **kwargs)
+        with torch.enable_grad():
+            logp = trace.log_prob_sum()
 
         def log_joint(z: Tensor) -> Tensor:
-            return _local_trace(model, {**theta, self.site: z}, *args, **kwargs).log_prob_sum()
+            return _trace_at(model, theta, self.site, z, *args, **kwargs)[0].log_prob_sum()
 
         validate = self.validate and not self._validated
-        d = gaussian_from_quadratic(log_joint, torch.zeros(shape), event_dim, self.site, validate)
+        d = _gaussian_from_graph(logp, leaf, event_dim, self.site, log_joint if validate else None)
         self._validated = True
-        return d, shape
+        self._cache = (theta, d, leaf.shape)
+        return d, leaf.shape
 
     def __call__(self, model, theta: dict, *args, **kwargs) -> dict:
         d, shape = self._distribution(model, theta, *args, **kwargs)
         return {self.site: d.sample().reshape(shape)}
 
     def log_prob(self, model, theta: dict, z: dict, *args, **kwargs) -> Tensor:
-        d = self.distribution(model, theta, *args, **kwargs)
+        """``log p(z | theta, y)``; reuses the conditional of the last call with the same ``theta`` dict."""
+        d = self._distribution(model, theta, *args, **kwargs)[0]
         return d.log_prob(z[self.site].reshape(d.batch_shape + d.event_shape)).sum()
 
 
@@ -210,57 +247,41 @@ class PolyaGammaGibbs:
         self.warm_start = warm_start
         self._state: Tensor | None = None
 
-    def _augmented_log_density(self, model, theta, z_now, *args, **kwargs):
-        trace = _local_trace(model, {**theta, self.site: z_now}, *args, **kwargs)
-        omegas = {}
+    def _augmented_log_density(self, trace) -> Tensor:
+        """``sum kappa eta - omega eta^2 / 2`` over Bernoulli/Binomial sites (omega drawn at the
+        trace's current z) plus the log density of every other site, differentiable in z."""
+        trace.compute_log_prob(site_filter=lambda name, site: _binomial_terms(site["fn"]) is None or not site["is_observed"])
+        total, found = 0.0, False
         for name, node in trace.nodes.items():
-            if node["type"] != "sample" or not node["is_observed"] or name in theta or name == self.site:
+            if node["type"] != "sample" or site_is_subsample(node):
                 continue
-            terms = _binomial_terms(node["fn"])
+            terms = _binomial_terms(node["fn"]) if node["is_observed"] else None
             if terms is None:
+                total = total + node["log_prob_sum"]
                 continue
+            found = True
             logits, total_count = terms
             rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
-            h = total_count.detach().double().numpy()
-            omega = _random_polyagamma(h, logits.detach().double().numpy(), rng)
-            omegas[name] = torch.as_tensor(omega, dtype=logits.dtype)
-        if not omegas:
+            omega = _random_polyagamma(total_count.detach().double().numpy(), logits.detach().double().numpy(), rng)
+            omega = torch.as_tensor(omega, dtype=logits.dtype)
+            term = (node["value"] - total_count / 2) * logits - 0.5 * omega * logits.pow(2)
+            if node["mask"] is not None:
+                term = term * node["mask"]
+            total = total + (term * node["scale"]).sum()
+        if not found:
             raise ValueError(
                 f"PolyaGammaGibbs('{self.site}'): the model has no observed Bernoulli or Binomial "
                 "site; use GaussianConditional for Gaussian likelihoods"
             )
-
-        def log_density(z: Tensor) -> Tensor:
-            tr = _local_trace(model, {**theta, self.site: z}, *args, **kwargs)
-            tr.compute_log_prob(site_filter=lambda name, site: name not in omegas)
-            total = z.new_zeros(())
-            for name, node in tr.nodes.items():
-                if node["type"] != "sample" or site_is_subsample(node):
-                    continue
-                if name in omegas:
-                    logits, total_count = _binomial_terms(node["fn"])
-                    kappa = node["value"] - total_count / 2
-                    term = kappa * logits - 0.5 * omegas[name] * logits.pow(2)
-                    if node["scale"] is not None:
-                        term = term * node["scale"]
-                    if node["mask"] is not None:
-                        term = term * node["mask"]
-                    total = total + term.sum()
-                else:
-                    total = total + node["log_prob_sum"]
-            return total
-
-        return log_density
+        return total
 
     def __call__(self, model, theta: dict, *args, **kwargs) -> dict:
-        shape, event_dim = _site_event_dim(model, self.site, theta, *args, **kwargs)
-        z = self._state
-        if z is None or not self.warm_start or z.shape != shape:
-            z = torch.zeros(shape)
+        z = self._state if self.warm_start else None
         for _ in range(self.num_sweeps):
-            log_density = self._augmented_log_density(model, theta, z, *args, **kwargs)
-            gaussian = gaussian_from_quadratic(log_density, z, event_dim, self.site)
-            z = gaussian.sample().reshape(shape)
+            trace, leaf, event_dim = _trace_at(model, theta, self.site, z, *args, **kwargs)
+            with torch.enable_grad():
+                logp = self._augmented_log_density(trace)
+            z = _gaussian_from_graph(logp, leaf, event_dim, self.site).sample().reshape(leaf.shape)
         self._state = z.detach()
         return {self.site: z}
 

@@ -11,7 +11,7 @@ import torch
 
 import pyro.poutine as poutine
 from pyro.infer.elbo import ELBO
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from .conditionals import GaussianConditional
 
@@ -62,12 +62,26 @@ class HybridELBO(ELBO):
         super().__init__(num_particles=num_particles)
         self.conditional = _as_conditional(local_sites)
         self._warned = False
+        self._checked = False
 
     def _get_trace(self, model, guide, args, kwargs):
         raise NotImplementedError("HybridELBO computes its particles in loss / loss_and_grads")
 
     def _get_global_guide(self, guide):
         return getattr(guide, "global_guide", guide)
+
+    def _check_sites(self, model, guide_trace, theta, args, kwargs):
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(model, data=theta)).get_trace(*args, **kwargs)
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+                continue
+            if name not in guide_trace.nodes and name not in self.conditional.sites:
+                raise ValueError(
+                    f"latent site '{name}' of the model is neither in the guide nor a local site "
+                    f"of the conditional sampler (local sites: {list(self.conditional.sites)})"
+                )
+        self._checked = True
 
     def _particle(self, model, guide, args, kwargs):
         guide = self._get_global_guide(guide)
@@ -83,6 +97,8 @@ class HybridELBO(ELBO):
                 )
             if not site["is_observed"] and not site["infer"].get("is_auxiliary"):
                 theta[name] = site["value"].detach()
+        if not self._checked:
+            self._check_sites(model, guide_trace, theta, args, kwargs)
         z = {k: v.detach() for k, v in self.conditional(model, theta, *args, **kwargs).items()}
         missing = set(self.conditional.sites) - set(z)
         if missing:
@@ -90,12 +106,6 @@ class HybridELBO(ELBO):
         conditioned = poutine.condition(model, data=z)
         model_trace = poutine.trace(poutine.replay(conditioned, trace=guide_trace)).get_trace(*args, **kwargs)
         model_trace = prune_subsample_sites(model_trace)
-        for name, site in model_trace.nodes.items():
-            if site["type"] == "sample" and not site["is_observed"] and name not in guide_trace.nodes:
-                raise ValueError(
-                    f"latent site '{name}' of the model is neither in the guide nor a local site "
-                    f"of the conditional sampler (local sites: {list(self.conditional.sites)})"
-                )
         surrogate = model_trace.log_prob_sum() - guide_trace.log_prob_sum()
         log_conditional = None
         if hasattr(self.conditional, "log_prob"):

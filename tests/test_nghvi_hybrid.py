@@ -1,0 +1,186 @@
+"""
+The hybrid ELBO and NG-HVI end to end: the loss is the marginal ELBO, its gradient is Fisher's
+identity, and NG-HVI's posterior means of beta in the linear random-intercept model match an
+exact Gibbs sampler written here.
+"""
+
+import math
+
+import pytest
+import torch
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+from pyro.infer import SVI, Predictive
+from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoNormal
+
+from models.mixed import linear_random_intercept, logistic_random_intercept, simulate_linear_random_intercept
+from pyro_cavi.nghvi import GaussianConditional, HybridELBO, HybridGuide, NGHVIOptim, PolyaGammaGibbs, SGHVIOptim
+
+
+def _data(num_groups, group_size=10, sigma2_a=1.0, seed=0):
+    train, test = simulate_linear_random_intercept(num_groups=num_groups, group_size=group_size, sigma2_a=sigma2_a, seed=seed)
+    return train, (train["X"], train["group"], train["num_groups"], train["y"])
+
+
+def _log_marginal(X, group, G, y, beta, sigma2_a, sigma2_e):
+    """log p(y, theta) with alpha integrated out: y_i ~ N(X_i beta, sigma2_e I + sigma2_a 1 1^T) (equal group sizes)."""
+    n = X.shape[0] // G
+    resid = (y - X @ beta).reshape(G, n)
+    cov = sigma2_e * torch.eye(n) + sigma2_a * torch.ones(n, n)
+    log_lik = dist.MultivariateNormal(torch.zeros(n), cov).log_prob(resid).sum()
+    log_prior = (
+        dist.Normal(0.0, 10.0).log_prob(beta).sum()
+        + dist.InverseGamma(1.01, 1.01).log_prob(sigma2_a)
+        + dist.InverseGamma(1.01, 1.01).log_prob(sigma2_e)
+    )
+    return log_lik + log_prior
+
+
+def test_loss_is_the_marginal_elbo_for_every_draw():
+    pyro.clear_param_store()
+    _, args = _data(num_groups=20)
+    guide = HybridGuide(linear_random_intercept, "alpha", rank=2)
+    elbo = HybridELBO(guide.conditional)
+    elbo.loss(linear_random_intercept, guide, *args)  # initialise the guide's parameters
+    for seed in range(3):
+        pyro.set_rng_seed(seed)
+        loss = elbo.loss(linear_random_intercept, guide, *args)
+        pyro.set_rng_seed(seed)
+        guide_trace = poutine.trace(guide.global_guide).get_trace(*args)
+        theta = {k: guide_trace.nodes[k]["value"] for k in ("beta", "sigma2_a", "sigma2_e")}
+        expected = _log_marginal(*args, **theta) - guide_trace.log_prob_sum()
+        assert loss == pytest.approx(-expected.item(), rel=1e-4)
+
+
+def test_gradient_is_fishers_identity():
+    """With a point-mass guide, E_z[grad log p(y, z, theta)] equals grad log p(y, theta)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    _, args = _data(num_groups=15)
+    global_guide = AutoDelta(poutine.block(linear_random_intercept, hide=["alpha"]))
+    guide = HybridGuide(linear_random_intercept, "alpha", global_guide=global_guide)
+    elbo = HybridELBO(guide.conditional)
+    elbo.loss(linear_random_intercept, guide, *args)  # create the parameters
+    names = ["AutoDelta.beta", "AutoDelta.sigma2_a", "AutoDelta.sigma2_e"]
+    unconstrained = [pyro.get_param_store()._params[n] for n in names]
+    draws = []
+    for _ in range(300):
+        loss = elbo.differentiable_loss(linear_random_intercept, guide, *args)
+        grads = torch.autograd.grad(loss, unconstrained)
+        draws.append(torch.cat([g.reshape(-1) for g in grads]))
+    draws = torch.stack(draws)
+    theta = [pyro.param(n) for n in names]
+    exact = torch.autograd.grad(-_log_marginal(*args, *theta), unconstrained)
+    exact = torch.cat([g.reshape(-1) for g in exact])
+    se = draws.std(0) / math.sqrt(len(draws))
+    assert ((draws.mean(0) - exact).abs() <= 4 * se + 1e-3 * exact.abs()).all()
+
+
+def _gibbs_linear_random_intercept(X, group, G, y, num_samples, burn_in, seed=0):
+    """Exact blocked Gibbs sampler for Example 1 (beta | rest, alpha | rest, variances | rest)."""
+    g = torch.Generator().manual_seed(seed)
+    X, y = X.double(), y.double()
+    n, k = X.shape
+    n_i = torch.bincount(group, minlength=G).double()
+    XtX = X.T @ X
+    beta, alpha, s2a, s2e = torch.zeros(k, dtype=torch.float64), torch.zeros(G, dtype=torch.float64), 1.0, 1.0
+    out = []
+    for it in range(num_samples + burn_in):
+        prec = XtX / s2e + torch.eye(k, dtype=torch.float64) / 100.0
+        chol = torch.linalg.cholesky(prec)
+        mean = torch.cholesky_solve((X.T @ (y - alpha[group]) / s2e).unsqueeze(-1), chol).squeeze(-1)
+        beta = mean + torch.linalg.solve_triangular(chol.T, torch.randn(k, 1, dtype=torch.float64, generator=g), upper=True).squeeze(-1)
+        resid = y - X @ beta
+        var = 1.0 / (n_i / s2e + 1.0 / s2a)
+        alpha = var * torch.zeros(G, dtype=torch.float64).index_add_(0, group, resid) / s2e
+        alpha = alpha + var.sqrt() * torch.randn(G, dtype=torch.float64, generator=g)
+        s2a = 1.0 / torch._standard_gamma(torch.tensor(1.01 + G / 2, dtype=torch.float64)).item() * (1.01 + 0.5 * alpha.pow(2).sum().item())
+        ssr = (resid - alpha[group]).pow(2).sum().item()
+        s2e = 1.0 / torch._standard_gamma(torch.tensor(1.01 + n / 2, dtype=torch.float64)).item() * (1.01 + 0.5 * ssr)
+        if it >= burn_in:
+            out.append(beta)
+    return torch.stack(out)
+
+
+def _fit_nghvi(args, num_steps, average_last, optim=None, seed=0):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = HybridGuide(linear_random_intercept, "alpha", rank=3)
+    svi = SVI(linear_random_intercept, guide, optim or NGHVIOptim(), HybridELBO(guide.conditional))
+    locs, losses = [], []
+    for step in range(num_steps):
+        losses.append(svi.step(*args))
+        if step >= num_steps - average_last:
+            locs.append(guide.global_guide.loc.detach().clone())
+    return guide, torch.stack(locs).mean(0), losses
+
+
+def _check_beta_against_gibbs(num_groups, num_steps, gibbs_samples, tol_sd):
+    train, args = _data(num_groups=num_groups)
+    guide, loc, _ = _fit_nghvi(args, num_steps, average_last=num_steps // 4)
+    beta_vi = loc[:6]  # beta is the first (unconstrained = constrained) block of the latent vector
+    samples = _gibbs_linear_random_intercept(*args, num_samples=gibbs_samples, burn_in=500)
+    mean, sd = samples.mean(0).float(), samples.std(0).float()
+    # Monte Carlo error of the Gibbs mean (batch means) plus a fraction of the posterior sd
+    batches = samples.reshape(20, -1, 6).mean(1)
+    mcse = (batches.std(0) / math.sqrt(20)).float()
+    assert ((beta_vi - mean).abs() <= 4 * mcse + tol_sd * sd).all(), (beta_vi, mean, sd, mcse)
+
+
+def test_nghvi_beta_matches_gibbs_small():
+    _check_beta_against_gibbs(num_groups=60, num_steps=1200, gibbs_samples=4000, tol_sd=0.15)
+
+
+@pytest.mark.slow
+def test_nghvi_beta_matches_gibbs_example1():
+    _check_beta_against_gibbs(num_groups=1000, num_steps=4000, gibbs_samples=10000, tol_sd=0.1)
+
+
+def test_hybrid_guide_predictive_draws_locals_from_conditional():
+    train, args = _data(num_groups=40, sigma2_a=10.0)
+    guide, _, _ = _fit_nghvi(args, num_steps=400, average_last=1)
+    samples = Predictive(linear_random_intercept, guide=guide, num_samples=50, return_sites=["alpha", "beta", "sigma2_a"])(
+        *args[:3]
+    )
+    assert samples["alpha"].shape == (50, 40) and samples["beta"].reshape(50, -1).shape == (50, 6)
+    # conditional draws track the true random effects (the prior would be uncorrelated with them)
+    corr = torch.corrcoef(torch.stack([samples["alpha"].mean(0), train["alpha"]]))[0, 1]
+    assert corr > 0.9
+
+
+def test_logistic_random_intercept_runs_with_polya_gamma():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    from models.mixed import simulate_logistic_random_intercept
+
+    train, _ = simulate_logistic_random_intercept(num_groups=50, sigma2_a=1.0)
+    args = (train["X"], train["group"], train["num_groups"], train["y"])
+    guide = HybridGuide(logistic_random_intercept, PolyaGammaGibbs("alpha"), rank=2)
+    svi = SVI(logistic_random_intercept, guide, NGHVIOptim(), HybridELBO(guide.conditional))
+    with pytest.warns(UserWarning, match="no log_prob"):
+        svi.step(*args)
+    for _ in range(600):
+        svi.step(*args)
+    beta = guide.global_guide.loc.detach()[:6]
+    # 250 Bernoulli rows: the slopes' signs are identified
+    assert (torch.sign(beta[1:5]) == torch.sign(torch.tensor([-1.3250, 0.9909, 1.6823, -1.7564]))).all()
+
+
+def test_hybrid_elbo_rejects_local_site_in_guide_and_uncovered_latents():
+    pyro.clear_param_store()
+    _, args = _data(num_groups=5)
+    with pytest.raises(ValueError, match="local site 'alpha' is drawn from its exact conditional"):
+        HybridELBO("alpha").loss(linear_random_intercept, AutoNormal(linear_random_intercept), *args)
+    partial = AutoLowRankMultivariateNormal(poutine.block(linear_random_intercept, hide=["alpha", "sigma2_e"]))
+    with pytest.raises(ValueError, match="latent site 'sigma2_e'"):
+        HybridELBO("alpha").loss(linear_random_intercept, partial, *args)
+    with pytest.raises(TypeError, match="conditional sampler"):
+        HybridELBO(3)
+
+
+def test_sg_hvi_optimiser_has_no_natural_gradient():
+    optim = SGHVIOptim()
+    assert optim.pt_optim_args["natural_gradient"] is False
+    assert optim.pt_optim_args["clip_norm"] is None and optim.pt_optim_args["momentum"] == 0.0
