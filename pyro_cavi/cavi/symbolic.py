@@ -135,7 +135,7 @@ class Sym(torch.Tensor):
             return type(result)(_wrap(r, _expand(_expr_of(a), shape)) for a, r in zip(args, result))
         if not isinstance(result, torch.Tensor):
             return result
-        if result.dtype == torch.bool or name in _PASSTHROUGH:
+        if name in _PASSTHROUGH:
             return result
         rule = _RULES.get(name)
         try:
