@@ -142,7 +142,7 @@ def test_hybrid_guide_predictive_draws_locals_from_conditional():
     train, args = _data(num_groups=40, sigma2_a=10.0)
     guide, _, _ = _fit_nghvi(args, num_steps=400, average_last=1)
     samples = Predictive(linear_random_intercept, guide=guide, num_samples=50, return_sites=["alpha", "beta", "sigma2_a"])(
-        *args[:3]
+        *args
     )
     assert samples["alpha"].shape == (50, 40) and samples["beta"].reshape(50, -1).shape == (50, 6)
     # conditional draws track the true random effects (the prior would be uncorrelated with them)

@@ -21,6 +21,8 @@ class HybridGuide:
     ``Delta`` sites.  Train it with :class:`~pyro_cavi.nghvi.HybridELBO` (which uses only
     ``global_guide``); use it as the guide of :class:`~pyro.infer.Predictive` or
     ``pyro_cavi.to_inference_data`` to get posterior draws of both ``theta`` and ``z``.
+    The conditional of ``z`` depends on the data, so call the guide with the observations
+    (the same arguments as in training); without them it conditions on data simulated by the model.
 
     :param model: the Pyro model.
     :param local_sites: a local site name or a conditional sampler (as in ``HybridELBO``).
