@@ -338,13 +338,9 @@ class CAVI:
         """A Pyro guide drawing every latent site from its fitted factor (for ``Predictive``)."""
         if not self.factors:
             raise RuntimeError("CAVI.guide: call step() or run() before using the guide")
-        out = {}
-        for name, f in self.factors.items():
-            q = f.distribution()
-            if len(q.batch_shape):
-                q = q.to_event(len(q.batch_shape))
-            out[name] = pyro.sample(name, q)
-        return out
+        # each site keeps its batch (plate) dimensions, so the guide also runs inside a
+        # vectorising plate of draws (``Predictive(..., parallel=True)``)
+        return {name: pyro.sample(name, f.distribution()) for name, f in self.factors.items()}
 
     def summary(self) -> str:
         lines = [f"CAVI over {len(self.factors)} factor(s)" + (f", ELBO {self.elbo_trace[-1]:.6f}" if self.elbo_trace else "")]

@@ -81,7 +81,7 @@ class ForwardKL:
         self.num_simulations = num_simulations
         self.marginalise = list(marginalise)
         self.num_validation = num_validation
-        self._structure: ModelStructure | None = None
+        self._structures: dict[tuple, ModelStructure] = {}
         self._validation_set: tuple[dict, dict] | None = None
 
     # ------------------------------------------------------------------ structure
@@ -91,14 +91,16 @@ class ForwardKL:
         return list(self.amortised_posterior.heads.keys())
 
     def structure(self, *args, **kwargs) -> ModelStructure:
-        """Read and check the model's sites once (at the first call's data)."""
-        if self._structure is None:
+        """Read and check the model's sites, once per shape of the arguments (a set
+        encoder serves data sets of any size; each size is traced once)."""
+        key = _signature(args, kwargs)
+        if key not in self._structures:
             structure, _ = read_structure(self.model, *args, **kwargs)
             self._check(structure)
             if self.observed is None:
                 self.observed = list(structure.observed)
-            self._structure = structure
-        return self._structure
+            self._structures[key] = structure
+        return self._structures[key]
 
     def _check(self, structure: ModelStructure) -> None:
         if not structure.observed:
@@ -219,3 +221,16 @@ class ForwardKL:
         ``marginalise`` are not in it (Predictive draws them from the prior)."""
         q = self.amortised_posterior.at(*self._observations_at(*args, **kwargs))
         return {name: pyro.sample(name, q[name]) for name in self.latent_sites}
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """A hashable key for the model's arguments: tensor shapes, scalar values, else identities."""
+
+    def key(value):
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape))
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return (type(value).__name__, value)
+        return (type(value).__name__, id(value))
+
+    return tuple(key(a) for a in args) + tuple((name, key(v)) for name, v in sorted(kwargs.items()))

@@ -102,6 +102,13 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
         for a, component in enumerate(components):
             if not callable(component):
                 raise TypeError(f"component {a} is not callable: {type(component).__name__}")
+        for a, component in enumerate(components):
+            context = getattr(component, "_pyro_context", None)
+            if context is not None and context.used:
+                raise ValueError(
+                    f"component {a} ({type(component).__name__}) has already been run on its own; "
+                    "build the MixtureGuide from fresh guides, so that each gets its own parameter names"
+                )
         if all(isinstance(c, torch.nn.Module) for c in components):
             self.components = PyroModuleList(components)
         else:
