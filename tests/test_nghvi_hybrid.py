@@ -127,6 +127,10 @@ def _check_beta_against_gibbs(num_groups, num_steps, gibbs_samples, tol_sd):
     batches = samples.reshape(20, -1, 6).mean(1)
     mcse = (batches.std(0) / math.sqrt(20)).float()
     assert ((beta_vi - mean).abs() <= 4 * mcse + tol_sd * sd).all(), (beta_vi, mean, sd, mcse)
+    # the factor-covariance Gaussian's marginal sds are close to the exact posterior sds
+    sd_vi = guide.global_guide.get_posterior().stddev.detach()[:6]
+    ratio = sd_vi / sd
+    assert ((ratio > 0.7) & (ratio < 1.4)).all(), ratio
 
 
 def test_nghvi_beta_matches_gibbs_small():
