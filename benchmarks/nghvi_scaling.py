@@ -1,0 +1,72 @@
+"""
+Cost of one NG-HVI optimiser step against the dimension M of the global parameters (p = 3).
+
+Times the damped natural gradient alone and the whole optimiser step (natural gradient +
+clipping + momentum + ADADELTA) against the SG-HVI step (ADADELTA only), on random parameters
+and gradients of an AutoLowRankMultivariateNormal guide.
+
+    python benchmarks/nghvi_scaling.py [--dims 10 100 1000 10000] [--rank 3] [--repeats 20]
+"""
+
+import argparse
+import pathlib
+import sys
+import time
+
+import torch
+from torch.distributions.transforms import SoftplusTransform
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from pyro_cavi.nghvi import NaturalGradientAdadelta, natural_gradient  # noqa: E402
+
+
+def _params(M, p, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(M, generator=g).requires_grad_()
+    W = (torch.randn(M, p, generator=g) / p**0.5).requires_grad_()
+    u = torch.full((M,), -2.0).requires_grad_()
+    for x in (loc, W, u):
+        x.grad = torch.randn(x.shape, generator=g) * 10
+    return loc, W, u
+
+
+def _time(fn, repeats):
+    fn()  # warm up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dims", type=int, nargs="+", default=[10, 100, 1000, 10000])
+    parser.add_argument("--rank", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    transform = SoftplusTransform()
+    rows = []
+    for M in args.dims:
+        loc, W, u = _params(M, args.rank)
+        s = transform(u.detach())
+        ds = transform.log_abs_det_jacobian(u.detach(), s).exp()
+        cg = []
+
+        def ng():
+            cg.append(natural_gradient(loc.grad, W.detach(), W.grad, s, u.grad, ds).cg_iterations)
+
+        t_ng = _time(ng, args.repeats)
+        ng_opt = NaturalGradientAdadelta([loc, W, u], transform)
+        t_ng_step = _time(ng_opt.step, args.repeats)
+        sg_opt = NaturalGradientAdadelta([loc, W, u], transform, natural_gradient=False, momentum=0.0, clip_norm=None)
+        t_sg_step = _time(sg_opt.step, args.repeats)
+        rows.append((M, t_ng, t_ng_step, t_sg_step, sum(cg) / len(cg)))
+    print(f"| dim theta M | natural gradient (ms) | NG-HVI step (ms) | SG-HVI step (ms) | CG iterations | ms / M x 1000 |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for M, t_ng, t_step, t_sg, it in rows:
+        print(f"| {M} | {t_ng:.3f} | {t_step:.3f} | {t_sg:.3f} | {it:.1f} | {t_ng / M * 1000:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
