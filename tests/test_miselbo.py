@@ -231,6 +231,17 @@ def test_mixture_covers_both_modes_where_one_gaussian_cannot():
     assert (mix_draws > 0).float().mean().item() == pytest.approx(0.5, abs=0.04)
     assert (single_draws > 0).float().mean().item() in (0.0, 1.0)
 
+    # ArviZ export draws from the mixture too, with a pointwise log likelihood for az.loo
+    import arviz as az
+
+    from pyro_cavi import to_inference_data
+
+    idata = to_inference_data(mixture, bimodal_model, y, num_samples=200)
+    z = idata.posterior["z"].values.ravel()
+    assert z.shape == (200,) and (z > 0).mean() == pytest.approx(0.5, abs=0.12)
+    assert idata.log_likelihood["y"].shape == (1, 200, 4)
+    assert np.isfinite(az.loo(idata).elpd_loo)
+
 
 def test_predictive_draws_from_the_mixture(data, fixed_mixture):
     guide, locs, scales, noise = fixed_mixture
@@ -372,6 +383,10 @@ def test_bad_input_is_named(data, fixed_mixture):
         MISELBO(num_components=3).loss(gaussian_model, guide, data)
     with pytest.raises(TypeError, match="got AutoNormal"):
         MISELBO().loss(gaussian_model, AutoNormal(gaussian_model), data)
+    used = AutoNormal(gaussian_model)
+    used(data)
+    with pytest.raises(ValueError, match="component 1 \\(AutoNormal\\) has already been run on its own"):
+        MixtureGuide([AutoNormal(gaussian_model), used])
     with pytest.raises(ValueError, match="component indices must lie in \\[0, 4\\)"):
         MISELBO().subset_loss(gaussian_model, guide, torch.tensor([0, 7]), data)
 

@@ -83,7 +83,8 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
     Each component is any reparameterisable Pyro guide with the model's signature (e.g. an
     :class:`~pyro.infer.autoguide.AutoNormal`); all components must sample the same sites.
     Components that are :class:`~pyro.nn.PyroModule` s get distinct parameter names
-    (``components.0.locs.z``, ...). Called as a guide, it draws from the mixture (one component per
+    (``MixtureGuide.components.0.locs.z``, ...); like Pyro's autoguides, two mixtures alive at
+    once need distinct ``name`` s or they share parameters through the param store. Called as a guide, it draws from the mixture (one component per
     draw, independently across any enclosing vectorised plate such as
     :class:`~pyro.infer.Predictive`'s), so ``Predictive(model, guide=mixture)`` works. Train it with
     :class:`MISELBO`: the mixture density is not a product over sites, so ``Trace_ELBO`` cannot.
@@ -92,10 +93,11 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
     batch of particles (``J`` vectorised calls, never ``J x K`` calls).
 
     :param components: the ``A`` component guides.
+    :param name: prefix of the components' parameter names in Pyro's param store.
     """
 
-    def __init__(self, components: Sequence[Callable]):
-        super().__init__()
+    def __init__(self, components: Sequence[Callable], name: str = "MixtureGuide"):
+        super().__init__(name=name)
         components = list(components)
         if not components:
             raise ValueError("MixtureGuide needs at least one component guide")
@@ -121,6 +123,7 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
         model: Callable,
         num_components: int,
         autoguide_class: Type = AutoNormal,
+        name: str = "MixtureGuide",
         **autoguide_kwargs,
     ) -> "MixtureGuide":
         """A mixture of ``num_components`` autoguides of ``model``. Unless ``init_loc_fn`` is
@@ -129,7 +132,7 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
         if not isinstance(num_components, int) or num_components < 1:
             raise ValueError(f"num_components must be a positive int, got {num_components!r}")
         autoguide_kwargs.setdefault("init_loc_fn", init_to_sample)
-        return cls([autoguide_class(model, **autoguide_kwargs) for _ in range(num_components)])
+        return cls([autoguide_class(model, **autoguide_kwargs) for _ in range(num_components)], name=name)
 
     def _trace_component(self, a: int, size: int, particle_dim: int, data, args, kwargs):
         component = self.components[a]
