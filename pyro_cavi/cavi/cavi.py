@@ -290,6 +290,9 @@ class CAVI:
     def run(self, *args, num_steps: int = 1000, tol: float = 1e-8, progress: bool = True, **kwargs) -> CAVIResult:
         """Sweep until ``|ΔELBO| <= tol · max(1, |ELBO|)`` or ``num_steps`` sweeps.
 
+        ``tol`` is floored at 8 machine epsilons of the factors' dtype, the resolution at
+        which the ELBO of a float32 fit stops changing.
+
         With ``num_restarts > 1`` the fit is repeated from fresh initialisations and the
         one with the highest ELBO is kept.
         """
@@ -309,6 +312,8 @@ class CAVI:
 
     def _run_once(self, args, kwargs, num_steps, tol, progress, restart) -> CAVIResult:
         prev = None
+        self._prepare(args, kwargs)
+        tol = max(tol, 8 * torch.finfo(self.dtype).eps)
         converged = False
         bar = tqdm(range(num_steps), disable=not progress, desc="CAVI" if restart == 0 else f"CAVI restart {restart}")
         for i in bar:
