@@ -52,8 +52,8 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         eps: float = 1e-6,
         clip_norm: float | None = 50.0,
         natural_gradient: bool = True,
-        cg_tol: float = 1e-8,
-        cg_max_iter: int = 200,
+        cg_tol: float = 1e-6,
+        cg_max_iter: int = 100,
     ):
         params = list(params)
         if len(params) != 3:
@@ -165,8 +165,8 @@ class NGHVIOptim(PyroOptim):
         eps: float = 1e-6,
         clip_norm: float | None = 50.0,
         natural_gradient: bool = True,
-        cg_tol: float = 1e-8,
-        cg_max_iter: int = 200,
+        cg_tol: float = 1e-6,
+        cg_max_iter: int = 100,
     ):
         optim_args = dict(
             damping=damping,
