@@ -45,6 +45,16 @@ class HybridGuide:
     def __call__(self, *args, **kwargs) -> dict:
         theta = self.global_guide(*args, **kwargs)
         theta = {name: value.detach() for name, value in theta.items()}
+        prototype = getattr(self.global_guide, "prototype_trace", None)
+        if prototype is not None:
+            for name, value in theta.items():
+                expected = prototype.nodes[name]["value"].shape
+                if value.shape != expected:
+                    raise ValueError(
+                        f"HybridGuide draws one theta at a time, but site '{name}' has shape "
+                        f"{tuple(value.shape)} instead of {tuple(expected)} (is the guide run under a "
+                        "vectorising plate, e.g. Predictive(parallel=True)? use parallel=False)"
+                    )
         z = self.conditional(self.model, theta, *args, **kwargs)
         for name, value in z.items():
             pyro.sample(name, dist.Delta(value, event_dim=value.dim()))
