@@ -12,7 +12,6 @@ MIS importance-sampling bound with about 1000 draws per image (ceil(1000 / A) pe
 import argparse
 import os
 import sys
-import time
 
 import torch
 

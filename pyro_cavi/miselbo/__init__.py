@@ -3,7 +3,8 @@
 from .amortized import AmortizedMixtureGuide, MixtureEncoder
 from .evaluation import mis_log_likelihood
 from .miselbo import MISELBO
-from .mixture_guide import BaseMixtureGuide, ComponentSamples, MixtureGuide
+from .base import BaseMixtureGuide, ComponentSamples
+from .mixture_guide import MixtureGuide
 
 __all__ = [
     "AmortizedMixtureGuide",

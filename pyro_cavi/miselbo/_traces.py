@@ -4,7 +4,7 @@ Every estimator here works on a block of ``K`` particles stacked along one
 vectorised plate at ``particle_dim`` (left of all the model's plates), so the
 model and the guide densities are evaluated once for all particles.
 """
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import Tensor

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 import pyro
 import pyro.distributions as dist
 
-from .mixture_guide import BaseMixtureGuide, ComponentSamples, _check_components
+from .base import BaseMixtureGuide, ComponentSamples, check_components
 
 
 class MixtureEncoder(nn.Module):
@@ -88,7 +88,7 @@ class AmortizedMixtureGuide(nn.Module, BaseMixtureGuide):
         return loc, scale
 
     def sample_components(self, components, num_particles, particle_dim, *args, **kwargs):
-        components = _check_components(components, self.num_components)
+        components = check_components(components, self.num_components)
         loc, scale = self._params(components, args, kwargs)
         z = dist.Normal(loc, scale).rsample((num_particles,))  # (L, S, N, d)
         z = z.transpose(0, 1).reshape((-1,) + loc.shape[1:])  # (S * L, N, d), component-major
@@ -96,7 +96,7 @@ class AmortizedMixtureGuide(nn.Module, BaseMixtureGuide):
         return ComponentSamples({self.site: z}, {self.site: 1}, components, num_particles)
 
     def log_prob_components(self, samples, components, particle_dim, *args, **kwargs):
-        components = _check_components(components, self.num_components)
+        components = check_components(components, self.num_components)
         loc, scale = self._params(components, args, kwargs)
         z = samples.values[self.site].reshape((samples.size,) + loc.shape[1:])  # (K, N, d)
         return dist.Normal(loc.unsqueeze(1), scale.unsqueeze(1)).log_prob(z).sum(-1)  # (J, K, N)

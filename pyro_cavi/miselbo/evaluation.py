@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ._traces import guess_max_plate_nesting, model_log_joint
-from .mixture_guide import BaseMixtureGuide
+from .base import BaseMixtureGuide
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from pyro.infer.util import torch_item
 from pyro.util import warn_if_nan
 
 from ._traces import guess_max_plate_nesting, model_log_joint
-from .mixture_guide import BaseMixtureGuide
+from .base import BaseMixtureGuide
 
 ESTIMATORS = ("a2a", "s2a", "s2s")
 
@@ -77,7 +77,9 @@ class MISELBO(ELBO):
         if num_components is not None and num_sampled is not None and num_sampled > num_components:
             raise ValueError(f"num_sampled={num_sampled} exceeds num_components={num_components}")
         if estimator == "a2a" and num_components is not None and num_sampled not in (None, num_components):
-            raise ValueError(f"the a2a estimator samples all components: num_sampled must be {num_components}, got {num_sampled}")
+            raise ValueError(
+                f"the a2a estimator samples all components: num_sampled must be {num_components}, got {num_sampled}"
+            )
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
         super().__init__(num_particles=num_particles, max_plate_nesting=max_plate_nesting)

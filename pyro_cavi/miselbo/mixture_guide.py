@@ -1,10 +1,8 @@
 """Uniform mixture guides ``q(z) = (1/A) sum_a q_a(z)`` for :class:`~pyro_cavi.miselbo.MISELBO`."""
 from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Type
+from typing import Callable, Sequence, Type
 
 import torch
-from torch import Tensor
 
 import pyro
 import pyro.distributions as dist
@@ -12,63 +10,12 @@ import pyro.poutine as poutine
 from pyro.infer.autoguide import AutoNormal
 from pyro.infer.autoguide.initialization import init_to_sample
 from pyro.nn import PyroModule
-from pyro.poutine.messenger import Messenger
 from pyro.nn.module import PyroModuleList
+from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import get_plates
 
 from ._traces import PARTICLE_PLATE, latent_sites, particle_axis, sum_to_particles
-
-
-@dataclass
-class ComponentSamples:
-    """Reparameterised draws ``z_{s,l} ~ q_{a_s}``, ``l = 1..L``, for the components ``a_s``.
-
-    Each value stacks its ``K = S * L`` particles along the particle dim, component-major
-    (particle ``k = s * L + l``).
-    """
-
-    values: Dict[str, Tensor]
-    event_dims: Dict[str, int]
-    components: Tensor
-    num_particles: int
-
-    @property
-    def size(self) -> int:
-        return len(self.components) * self.num_particles
-
-
-class BaseMixtureGuide:
-    """What :class:`MISELBO` needs from a uniform mixture guide of ``num_components`` components.
-
-    ``local_plate`` is ``None`` for a mixture over the joint of all latent sites, or the name of
-    a data plate when each datum has its own mixture (amortised encoders): then
-    ``log_prob_components`` keeps that plate's dim.
-    """
-
-    num_components: int
-    local_plate: Optional[str] = None
-
-    def sample_components(
-        self, components: Tensor, num_particles: int, particle_dim: int, *args, **kwargs
-    ) -> ComponentSamples:
-        """Draw ``num_particles`` reparameterised samples from each component in ``components``."""
-        raise NotImplementedError
-
-    def log_prob_components(
-        self, samples: ComponentSamples, components: Tensor, particle_dim: int, *args, **kwargs
-    ) -> Tensor:
-        """``log q_j(z_k)`` for every ``j`` in ``components`` and every particle ``k``, as one
-        tensor of shape ``(J, K)`` (``(J, K, n)`` with a ``local_plate``)."""
-        raise NotImplementedError
-
-
-def _check_components(components: Tensor, num_components: int) -> Tensor:
-    components = torch.as_tensor(components, dtype=torch.long)
-    if components.dim() != 1 or components.numel() == 0:
-        raise ValueError(f"components must be a non-empty 1-d index tensor, got shape {tuple(components.shape)}")
-    if components.min() < 0 or components.max() >= num_components:
-        raise ValueError(f"component indices must lie in [0, {num_components}), got {components.tolist()}")
-    return components
+from .base import BaseMixtureGuide, ComponentSamples, check_components
 
 
 class MixtureGuide(PyroModule, BaseMixtureGuide):
@@ -84,10 +31,13 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
     :class:`~pyro.infer.autoguide.AutoNormal`); all components must sample the same sites.
     Components that are :class:`~pyro.nn.PyroModule` s get distinct parameter names
     (``MixtureGuide.components.0.locs.z``, ...); like Pyro's autoguides, two mixtures alive at
-    once need distinct ``name`` s or they share parameters through the param store. Called as a guide, it draws from the mixture (one component per
-    draw, independently across any enclosing vectorised plate such as
-    :class:`~pyro.infer.Predictive`'s), so ``Predictive(model, guide=mixture)`` works. Train it with
-    :class:`MISELBO`: the mixture density is not a product over sites, so ``Trace_ELBO`` cannot.
+    once need distinct ``name`` s or they share parameters through the param store.
+
+    Called as a guide, it draws from the mixture (one component per draw, independently across
+    any enclosing vectorised plate such as :class:`~pyro.infer.Predictive`'s), so
+    ``Predictive(model, guide=mixture)`` and ``pyro_cavi.to_inference_data`` work; its sites are
+    ``Delta`` s at the drawn values. Train it with :class:`MISELBO`: the mixture density is not a
+    product over sites, so ``Trace_ELBO`` cannot.
 
     Evaluating ``log q_j`` at other components' samples replays each component once on the whole
     batch of particles (``J`` vectorised calls, never ``J x K`` calls).
@@ -142,7 +92,7 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
             return poutine.trace(component).get_trace(*args, **kwargs)
 
     def sample_components(self, components, num_particles, particle_dim, *args, **kwargs):
-        components = _check_components(components, self.num_components)
+        components = check_components(components, self.num_components)
         draws = []
         for a in components.tolist():
             trace = self._trace_component(a, num_particles, particle_dim, None, args, kwargs)
@@ -174,7 +124,7 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
         return ComponentSamples(values, event_dims, components, num_particles)
 
     def log_prob_components(self, samples, components, particle_dim, *args, **kwargs):
-        components = _check_components(components, self.num_components)
+        components = check_components(components, self.num_components)
         size = samples.size
         rows = []
         for a in components.tolist():
