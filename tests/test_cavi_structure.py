@@ -286,3 +286,36 @@ def test_improper_structure_is_reported_not_silently_wrong():
 
     with pytest.raises(NonConjugateError, match=r"loc of 'y' is a power of the Gaussian latent 'mu'"):
         CAVI(model).step(_poisson_data())
+
+
+def test_nan_under_a_mask_is_allowed_and_ignored():
+    torch.set_default_dtype(torch.float64)
+    y = torch.tensor([0.5, float("nan"), 1.5])
+    keep = ~torch.isnan(y)
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(y)), poutine.mask(mask=keep):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    cavi = CAVI(model)
+    fit(cavi, y)
+    m, s = _normal_posterior(y[keep])
+    assert float(cavi.posterior["mu"].mean) == pytest.approx(float(m), rel=1e-12)
+
+
+def test_subsample_scale_weights_the_likelihood():
+    """poutine.scale multiplies a site's log density: scaling by 2 equals duplicating the data."""
+    torch.set_default_dtype(torch.float64)
+    y = torch.tensor([0.5, 1.0, 1.5])
+
+    def scaled(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
+        with pyro.plate("data", len(y)), poutine.scale(scale=2.0):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    cavi = CAVI(scaled)
+    fit(cavi, y)
+    m, s = _normal_posterior(torch.cat([y, y]))
+    assert float(cavi.posterior["mu"].mean) == pytest.approx(float(m), rel=1e-12)
+    assert float(cavi.posterior["mu"].stddev) == pytest.approx(float(s), rel=1e-12)

@@ -48,7 +48,7 @@ from .factors import (
     InverseGammaFactor,
 )
 from .rules import expected_log_prob, unwrap
-from .symbolic import Sym, identity_lin, identity_pos
+from .symbolic import Sym, identity_lin, identity_pos, memoize
 from .tracing import LatentSite, Term, prior_structure, symbolic_trace
 
 Tensor = torch.Tensor
@@ -105,6 +105,8 @@ class CAVI:
         self._dense: set = set()
         self._initialised = False
         self._generator: Optional[torch.Generator] = None
+        self._memo: dict = {}  # symbolic results, stable across sweeps
+        self._cache: dict = {}  # sufficient statistics (Gram matrices) keyed on coefficients
 
     # ------------------------------------------------------------------ structure
     def _args_key(self, args, kwargs):
@@ -114,6 +116,7 @@ class CAVI:
         key = self._args_key(args, kwargs)
         if key == self._key:
             return
+        self._memo, self._cache = {}, {}
         self.latents, self.observed, self.max_plate_nesting, self.dtype, self.device = prior_structure(
             self.model, args, kwargs
         )
@@ -183,13 +186,12 @@ class CAVI:
     def _moments(self) -> Dict[str, tuple]:
         return {name: f.mean_params for name, f in self.factors.items()}
 
-    def _expected_log_prob(self, term: Term, mu) -> Tensor:
-        lp = expected_log_prob(term.name, term.fn, term.value, self.factors, mu)
-        if not isinstance(term.scale, (int, float)) or term.scale != 1.0:
-            lp = lp * term.scale
+    def _weight(self, term: Term) -> Tensor:
+        """The static weight of a term: its ``poutine.scale`` times its ``poutine.mask``."""
+        w = torch.as_tensor(term.scale, dtype=self.dtype, device=self.device)
         if term.mask is not None:
-            lp = torch.where(term.mask, lp, torch.zeros((), dtype=lp.dtype, device=lp.device))
-        return lp
+            w = w * term.mask.to(device=self.device, dtype=self.dtype)
+        return w
 
     def _arranged_probs(self, name: str, probs: Tensor) -> Tensor:
         site = self.latents[name]
@@ -200,15 +202,17 @@ class CAVI:
         return r.reshape((k,) + (1,) * lead + batch)
 
     def _contract(self, term: Term, mu) -> Tensor:
-        lp = self._expected_log_prob(term, mu)
+        """:math:`E_q[\\log p(\\text{site})]` summed, with discrete sites weighted by their responsibilities."""
+        weight = self._weight(term)
         for d in term.discrete:
-            lp = lp * self._arranged_probs(d, mu[d][0])
-        return lp.sum()
+            weight = weight * self._arranged_probs(d, mu[d][0])
+        return expected_log_prob(term.name, term.fn, term.value, self.factors, mu, weight=weight, cache=self._cache)
 
     def _expected_log_joint(self, terms, mu) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        for t in terms:
-            total = total + self._contract(t, mu)
+        with memoize(self._memo):
+            for t in terms:
+                total = total + self._contract(t, mu)
         return total
 
     def _elbo(self) -> Tensor:

@@ -30,8 +30,8 @@ LOG_2PI = math.log(2 * math.pi)
 class Expect:
     """Expectations for the site being evaluated, with errors that name it."""
 
-    def __init__(self, site: str, dist_name: str, factors, mu):
-        self.site, self.dist_name, self.factors, self.mu = site, dist_name, factors, mu
+    def __init__(self, site: str, dist_name: str, factors, mu, cache: dict | None = None):
+        self.site, self.dist_name, self.factors, self.mu, self.cache = site, dist_name, factors, mu, cache
         self.used: Dict[str, str] = {}  # latent site -> the parameter it entered through
 
     def _record(self, x, param: str) -> None:
@@ -57,6 +57,14 @@ class Expect:
 
     def sq(self, x, param):
         return self._call(ex.second_moment, param, x)
+
+    def wsq(self, x, weight, param):
+        """sum_n weight_n E[x_n²]"""
+        self._record(x, param)
+        try:
+            return ex.weighted_second_moment(x, weight, self.factors, self.mu, self.cache)
+        except ex.NotConjugate as e:
+            self._fail(param, x, str(e))
 
     def quad(self, x, precision, param):
         self._record(x, param)
@@ -100,6 +108,16 @@ def _normal(fn, v, E: Expect):
     E.independent(scale, v, "the value and the scale")
     d = v - loc
     return -0.5 * LOG_2PI - E.log(scale, "scale") - 0.5 * E.pow(scale, -2.0, "scale") * E.sq(d, "loc")
+
+
+def _normal_summed(fn, v, E: Expect, weight):
+    """``sum_n weight_n E[log N(v_n | loc_n, scale_n)]`` with cached sufficient statistics."""
+    loc, scale = fn.loc, fn.scale
+    E.independent(scale, loc, "the loc and the scale")
+    E.independent(scale, v, "the value and the scale")
+    d = v - loc
+    const = (weight * (-0.5 * LOG_2PI - E.log(scale, "scale"))).expand(torch.broadcast_shapes(weight.shape, fn.batch_shape))
+    return const.sum() - 0.5 * E.wsq(d, weight * E.pow(scale, -2.0, "scale"), "loc")
 
 
 def _mvn(fn, v, E: Expect):
@@ -212,6 +230,9 @@ RULES: Dict[type, Callable] = {
 }
 
 
+SUMMED_RULES: Dict[Callable, Callable] = {_normal: _normal_summed}
+
+
 def find_rule(fn) -> Callable | None:
     for cls in type(fn).__mro__:
         if cls in RULES:
@@ -247,14 +268,18 @@ def _params(fn):
     return out
 
 
-def expected_log_prob(name: str, fn, value, factors, mu, used: Dict[str, str] | None = None) -> Tensor:
+def expected_log_prob(
+    name: str, fn, value, factors, mu, used: Dict[str, str] | None = None,
+    weight: Tensor | None = None, cache: dict | None = None,
+) -> Tensor:
     """:math:`E_q[\\log p(value \\mid params)]` with the batch shape of ``fn`` (event dims summed).
 
-    If ``used`` is given, it receives the latent sites the density depends on and the
-    parameter each enters through."""
+    With ``weight`` (broadcastable to the batch shape) it returns the weighted sum instead,
+    which lets a rule use cached sufficient statistics. If ``used`` is given, it receives the
+    latent sites the density depends on and the parameter each enters through."""
     base, event_dims, mask = unwrap(fn)
     rule = find_rule(base)
-    E = Expect(name, type(base).__name__, factors, mu)
+    E = Expect(name, type(base).__name__, factors, mu, cache)
     if rule is None:
         symbolic = [k for k, p in _params(base).items() if isinstance(p, Sym)]
         if symbolic or isinstance(value, Sym):
@@ -265,11 +290,24 @@ def expected_log_prob(name: str, fn, value, factors, mu, used: Dict[str, str] | 
                 f"at site {name!r}: CAVI has no conjugate rule for a {type(base).__name__} whose {what} "
                 "depends on a latent site"
             )
-        lp = base.log_prob(value)
-    else:
-        lp = rule(base, value, E)
+        rule = lambda fn, v, E: fn.log_prob(v)  # noqa: E731 - a density with constant parameters
+    if weight is not None:
+        if mask is not None:
+            weight = weight * mask
+        summed = SUMMED_RULES.get(rule)
+        if summed is not None:
+            total = summed(base, value, E, weight.reshape(weight.shape + (1,) * event_dims))
+        else:
+            lp = rule(base, value, E)
+            if event_dims:
+                lp = lp.sum(tuple(range(-event_dims, 0)))
+            total = (lp * weight).sum()
         if used is not None:
             used.update(E.used)
+        return total
+    lp = rule(base, value, E)
+    if used is not None:
+        used.update(E.used)
     if event_dims:
         lp = lp.sum(tuple(range(-event_dims, 0)))
     if mask is not None:

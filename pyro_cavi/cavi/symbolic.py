@@ -25,6 +25,7 @@ Expectations under the mean-field factors are computed in
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
@@ -94,6 +95,30 @@ def describe(expr: Expr) -> str:
     return names or "a latent"
 
 
+# ----------------------------------------------------------------------------- memoisation
+_MEMO: Optional[dict] = None
+
+
+@contextmanager
+def memoize(store: dict):
+    """Within this context, an operation on the same Sym arguments returns the same result
+    object. The engine evaluates the same symbolic expressions every sweep; memoising keeps
+    them (and the coefficient tensors that cached sufficient statistics are keyed on) stable."""
+    global _MEMO
+    old, _MEMO = _MEMO, store
+    try:
+        yield
+    finally:
+        _MEMO = old
+
+
+def _memo_key(func, args, kwargs):
+    parts = [func]
+    for a in _flatten((args, kwargs)):
+        parts.append(("id", id(a)) if isinstance(a, torch.Tensor) or not isinstance(a, (int, float, str, type(None))) else a)
+    return tuple(parts)
+
+
 # ----------------------------------------------------------------------------- the tensor
 class Sym(torch.Tensor):
     """A tensor holding a stand-in value and the expression of latents behind it."""
@@ -115,6 +140,18 @@ class Sym(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _MEMO is not None:
+            key = _memo_key(func, args, kwargs)
+            hit = _MEMO.get(key)
+            if hit is not None and all(x is y for x, y in zip(hit[0], _flatten((args, kwargs)))):
+                return hit[1]
+            result = cls._dispatch(func, args, kwargs)
+            _MEMO[key] = (list(_flatten((args, kwargs))), result)
+            return result
+        return cls._dispatch(func, args, kwargs)
+
+    @classmethod
+    def _dispatch(cls, func, args, kwargs):
         raw_args = _unwrap(args)
         raw_kwargs = _unwrap(kwargs)
         with torch._C.DisableTorchFunctionSubclass():

@@ -77,13 +77,36 @@ def _family(name: str, fn) -> tuple[str, int]:
     )
 
 
+def _combined_mask(site) -> Optional[Tensor]:
+    """The mask of a site from ``poutine.mask`` and ``.mask(...)`` together (None: unmasked)."""
+    masks = []
+    if isinstance(site["mask"], torch.Tensor):
+        masks.append(site["mask"])
+    elif site["mask"] is False:
+        masks.append(torch.zeros((), dtype=torch.bool))
+    _, _, fn_mask = unwrap(site["fn"])
+    if fn_mask is not None:
+        masks.append(fn_mask)
+    if not masks:
+        return None
+    out = masks[0]
+    for m in masks[1:]:
+        out = out & m
+    event_dims = site["fn"].event_dim
+    return out.reshape(out.shape + (1,) * event_dims) if event_dims else out
+
+
 def _check_observed(name: str, site) -> None:
     value = site["value"]
     fn = site["fn"]
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"observed site {name!r}: data must be a torch.Tensor, got {type(value).__name__}")
-    if value.is_floating_point() and not torch.isfinite(value).all():
-        bad = (~torch.isfinite(value)).sum().item()
+    bad_values = ~torch.isfinite(value) if value.is_floating_point() else torch.zeros((), dtype=torch.bool)
+    mask = _combined_mask(site)
+    if mask is not None:
+        bad_values = bad_values & mask
+    if bad_values.any():
+        bad = bad_values.sum().item()
         raise ValueError(
             f"observed site {name!r} contains {bad} NaN or infinite value(s); remove them or mask them "
             "with poutine.mask / .mask(...)"
@@ -174,7 +197,11 @@ class SymbolicMessenger(Messenger):
         mask = msg["mask"] if isinstance(msg["mask"], torch.Tensor) else None
         if msg["mask"] is False:
             mask = torch.zeros((), dtype=torch.bool)
-        self.terms.append(Term(msg["name"], msg["fn"], msg["value"], msg["is_observed"], msg["scale"], mask))
+        value = msg["value"]
+        full_mask = _combined_mask(msg)
+        if msg["is_observed"] and full_mask is not None and value.is_floating_point():
+            value = torch.where(full_mask, value, torch.zeros((), dtype=value.dtype, device=value.device))
+        self.terms.append(Term(msg["name"], msg["fn"], value, msg["is_observed"], msg["scale"], mask))
 
 
 def symbolic_trace(model, args, kwargs, values: Dict[str, Tensor]) -> List[Term]:
