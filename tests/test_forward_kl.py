@@ -312,3 +312,24 @@ def test_discrete_latent_categorical_head():
     for x in (torch.zeros(n), torch.tensor([0.5, 1.5, 1.0, 0.2]), torch.tensor([-1.0, -2.0, 0.0, -0.5])):
         logits = prior.log() + means * x.sum() - n * means**2 / 2
         assert torch.allclose(engine.posterior(x)["k"].probs, logits.softmax(-1), atol=0.03)
+
+
+def test_to_inference_data_reads_the_amortised_posterior():
+    """ArviZ export draws from ForwardKL.guide: posterior draws match q(θ | x_obs) and the
+    pointwise log likelihood is the model's density at each draw."""
+    to_inference_data = pytest.importorskip("pyro_cavi.arviz_export").to_inference_data
+    pyro.set_rng_seed(7)
+    guide = _fixed_linear_guide(torch.full((N,), 0.9), 0.2, 1.0)
+    engine = ForwardKL(normal_normal, guide, pyro.optim.Adam({"lr": 0.0}))
+    x = torch.tensor([1.3, 0.2, 2.1, 0.7, 1.6])
+    idata = to_inference_data(engine, normal_normal, x, num_samples=3000)
+    for group in ("posterior", "posterior_predictive", "log_likelihood", "observed_data"):
+        assert hasattr(idata, group), group
+    q = engine.posterior(x)["theta"]
+    draws = torch.as_tensor(idata.posterior["theta"].values).reshape(-1)
+    assert draws.numel() == 3000
+    assert abs(draws.mean().item() - q.mean.item()) < 5 * q.stddev.item() / math.sqrt(3000)
+    ll = torch.as_tensor(idata.log_likelihood["x"].values).reshape(3000, N)
+    reference = dist.Normal(draws.unsqueeze(-1), SIGMA).log_prob(x)
+    assert torch.allclose(ll.to(reference.dtype), reference, atol=1e-4)
+    assert idata.posterior_predictive["x"].values.reshape(3000, N).shape == (3000, N)
