@@ -19,15 +19,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from models.misvae import MISVAE, evaluate_nll, load_digits, train  # noqa: E402
 
 
-def configurations(components, sampled):
-    yield "VAE", "shared", 1, 1, "s2a"
+def configurations(components, sampled, vae_particles):
+    """(name, encoder, A, S, L, estimator); VAEs get L draws per step, mixtures one per component."""
+    for L in vae_particles:
+        yield "VAE", "shared", 1, 1, L, "s2a"
     for encoder, name in (("shared", "MISVAE"), ("separate", "SEMVAE")):
         for A in components:
             for S in sampled:
                 if S > A or (encoder == "separate" and S != 2):
                     continue
                 for estimator in ("s2s", "s2a"):
-                    yield name, encoder, A, S, estimator
+                    yield name, encoder, A, S, 1, estimator
 
 
 def main(argv=None):
@@ -35,6 +37,7 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--components", type=int, nargs="+", default=[5, 20, 50])
     parser.add_argument("--sampled", type=int, nargs="+", default=[1, 2, 5])
+    parser.add_argument("--vae-particles", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--latent-dim", type=int, default=8)
     parser.add_argument("--hidden-dim", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
@@ -42,19 +45,19 @@ def main(argv=None):
     torch.set_num_threads(1)
     train_probs, x_test = load_digits(seed=args.seed)
     print(f"8x8 digits: {len(train_probs)} train / {len(x_test)} test, {args.epochs} epochs, "
-          f"latent {args.latent_dim}, hidden {args.hidden_dim}, Adam 1e-3, batch 100, L = 1\n")
-    print("| model | A | S | estimator | parameters | train -MISELBO (last epoch) | test NLL (nats) | s / epoch |")
-    print("|---|---:|---:|---|---:|---:|---:|---:|")
-    for name, encoder, A, S, estimator in configurations(args.components, args.sampled):
+          f"latent {args.latent_dim}, hidden {args.hidden_dim}, Adam 1e-3, batch 100\n")
+    print("| model | A | S | L | estimator | parameters | train -MISELBO (last epoch) | test NLL (nats) | s / epoch |")
+    print("|---|---:|---:|---:|---|---:|---:|---:|---:|")
+    for name, encoder, A, S, L, estimator in configurations(args.components, args.sampled, args.vae_particles):
         torch.manual_seed(args.seed)
         vae = MISVAE(train_probs.shape[1], args.latent_dim, A, args.hidden_dim, encoder)
         losses, seconds = train(vae, train_probs, epochs=args.epochs, estimator=estimator, num_sampled=S,
-                                seed=args.seed)
+                                num_particles=L, seed=args.seed)
         nll = evaluate_nll(vae, x_test)
         per_epoch = sorted(seconds[1:] or seconds)[len(seconds[1:] or seconds) // 2]
         est = "-" if A == 1 else estimator.upper()
-        print(f"| {name} | {A} | {S} | {est} | {vae.num_parameters()} | {losses[-1]:.2f} | {nll:.2f} | {per_epoch:.2f} |",
-              flush=True)
+        print(f"| {name} | {A} | {S} | {L} | {est} | {vae.num_parameters()} | {losses[-1]:.2f} | {nll:.2f} "
+              f"| {per_epoch:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -412,3 +412,14 @@ def test_mismatched_or_discrete_components_are_named(data):
     guide = MixtureGuide([normal_component(torch.zeros(D), torch.ones(D))])
     with pytest.raises(ValueError, match="model site 'extra' is latent but the mixture guide does not sample it"):
         MISELBO(max_plate_nesting=1).loss(two_latents, guide, data)
+
+
+def test_subsampled_local_latents_are_refused():
+    def local_model(x):
+        with pyro.plate("data", len(x), subsample_size=2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x[:2])
+
+    guide = MixtureGuide.from_autoguide(local_model, 2)
+    with pytest.raises(ValueError, match="guide site 'z_unconstrained' of component 0 lies in a subsampled plate"):
+        MISELBO(estimator="a2a").loss(local_model, guide, torch.zeros(5))

@@ -13,6 +13,7 @@ from pyro.nn import PyroModule
 from pyro.nn.module import PyroModuleList
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import get_plates
+from pyro.poutine.util import prune_subsample_sites
 
 from ._traces import PARTICLE_PLATE, latent_sites, particle_axis, sum_to_particles
 from .base import BaseMixtureGuide, ComponentSamples, check_components
@@ -98,6 +99,11 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
             trace = self._trace_component(a, num_particles, particle_dim, None, args, kwargs)
             sites = latent_sites(trace)
             for name, site in sites.items():
+                if not (isinstance(site["scale"], (int, float)) and site["scale"] == 1.0):
+                    raise ValueError(
+                        f"guide site '{name}' of component {a} lies in a subsampled plate; the mixture is over "
+                        "the joint of all latents, so its local latents cannot be subsampled"
+                    )
                 if not site["fn"].has_rsample:
                     raise ValueError(
                         f"site '{name}' of component {a} draws from {type(site['fn']).__name__}, "
@@ -128,7 +134,7 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
         size = samples.size
         rows = []
         for a in components.tolist():
-            trace = self._trace_component(a, size, particle_dim, samples.values, args, kwargs)
+            trace = prune_subsample_sites(self._trace_component(a, size, particle_dim, samples.values, args, kwargs))
             trace.compute_log_prob()
             row = torch.zeros(size)
             for name, site in trace.nodes.items():
