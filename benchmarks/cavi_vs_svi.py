@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import os
 
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ[_var] = "1"  # one BLAS thread for the NumPy reference too (set before importing numpy)
+if __name__ == "__main__":  # one BLAS thread for the NumPy reference too (set before importing numpy)
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = "1"
 
 import argparse
 import math
@@ -84,6 +85,7 @@ class Problem:
     init_values: Dict[str, Tensor]
     handwritten: Callable[[int], object]  # seed -> hand-written fit at the engine's start
     upper_bound: Optional[float] = None  # exact log p(data) when known
+    num_components: int = 0  # mixture only
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -91,8 +93,8 @@ class Problem:
         return {"0.1%": self.optimum - 1e-3 * abs(self.optimum), "1 nat": self.optimum - 1.0}
 
 
-def regression_problem() -> Problem:
-    X, y = regression_data()
+def regression_problem(num_data: int = 10_000, dim: int = 50) -> Problem:
+    X, y = regression_data(num_data, dim)
     N, D = X.shape
     fit = RegressionCAVI(X, y)
     optimum = fit.run(1000, 1e-14)[-1]
@@ -130,8 +132,8 @@ def regression_problem() -> Problem:
     )
 
 
-def mixture_problem(num_components: int = 5) -> Problem:
-    x = mixture_data(num_components)
+def mixture_problem(num_components: int = 5, num_data: int = 10_000) -> Problem:
+    x = mixture_data(num_components, num_data)
     N, D = x.shape
     optimum, finals = mixture_optimum(x, num_components)
     x64 = torch.as_tensor(x)
@@ -162,6 +164,7 @@ def mixture_problem(num_components: int = 5) -> Problem:
         svi_loss=lambda: TraceEnum_ELBO(max_plate_nesting=1),
         init_values={},  # set once the engine's successful seed is known
         handwritten=lambda seed: MixtureCAVI(x, num_components).init_forgy(seed),
+        num_components=num_components,
         notes=[f"mean-field optimum {optimum:.6f}; {reached} of {len(finals)} hand-written starts "
                f"(k-means++ and Forgy seeds 0-{len(finals) // 2 - 1}) reach it"],
     )
@@ -283,7 +286,7 @@ def mixture_engine_seeds(problem: Problem, num_seeds: int, repeats: int, quick: 
     kpp = []
     for _ in range(repeats):
         start = time.process_time()
-        fit = MixtureCAVI(problem.args64[0].numpy()).init_kmeans_pp(0)
+        fit = MixtureCAVI(problem.args64[0].numpy(), problem.num_components).init_kmeans_pp(0)
         rows = []
         for i in range(3000):
             rows.append((i + 1, time.process_time() - start, fit.step()))
@@ -298,8 +301,9 @@ def mixture_engine_seeds(problem: Problem, num_seeds: int, repeats: int, quick: 
     timing = cavi_timing(problem, seed, repeats, 3000)
     # SVI starts where that run started: locs at the same K data points, equal weights
     x32 = problem.args32[0]
-    points = torch.randperm(x32.shape[0], generator=torch.Generator().manual_seed(seed))[:5]
-    problem.init_values = {"locs": x32[points].clone(), "weights": torch.full((5,), 0.2)}
+    k = problem.num_components
+    points = torch.randperm(x32.shape[0], generator=torch.Generator().manual_seed(seed))[:k]
+    problem.init_values = {"locs": x32[points].clone(), "weights": torch.full((k,), 1.0 / k)}
     return timing, path
 
 
@@ -507,7 +511,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="CAVI timing repeats (medians reported)")
     p.add_argument("--problems", nargs="+", default=["regression", "mixture"], choices=["regression", "mixture"])
     p.add_argument("--engine-seeds", type=int, default=10, help="mixture: CAVI seeds tried")
-    p.add_argument("--plot-dir", type=Path, default=RESULTS, help="where the PNGs go ('' for none)")
+    p.add_argument("--plot-dir", default=str(RESULTS), help="where the PNGs go ('' for none)")
     args = p.parse_args(argv)
     if args.quick:
         args.max_steps, args.max_seconds, args.repeats = min(args.max_steps, 3000), min(args.max_seconds, 10.0), 1
@@ -554,9 +558,9 @@ def main(argv=None) -> None:
         if restart_path is not None:
             print()
             print(restart_speedup(problem, restart_path, results))
-        if str(args.plot_dir):
-            args.plot_dir.mkdir(parents=True, exist_ok=True)
-            path = args.plot_dir / f"cavi_vs_svi_{name}.png"
+        if args.plot_dir:
+            Path(args.plot_dir).mkdir(parents=True, exist_ok=True)
+            path = Path(args.plot_dir) / f"cavi_vs_svi_{name}.png"
             plot(problem, timing, results, path)
             print(f"\nfigure: {path}")
         print(f"\n({name}: {time.perf_counter() - t_start:.0f} s wall)")
