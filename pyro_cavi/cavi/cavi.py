@@ -35,10 +35,12 @@ import torch
 from tqdm.auto import tqdm
 
 import pyro
+import pyro.distributions as dist
 
 from .errors import NonConjugateError, _Densify
 from .expectations import latent_sites
 from .factors import (
+    PolyaGammaFactor,
     BetaFactor,
     CategoricalFactor,
     DirichletFactor,
@@ -47,7 +49,8 @@ from .factors import (
     GaussianFactor,
     InverseGammaFactor,
 )
-from .rules import expected_log_prob, unwrap
+from ..distributions.stick_breaking import StickBreakingCategorical
+from .rules import expected_log_prob, has_latent_logits, pg_name, unwrap
 from .symbolic import Sym, identity_lin, identity_pos, memoize
 from .tracing import LatentSite, Term, prior_structure, symbolic_trace
 
@@ -127,6 +130,7 @@ class CAVI:
         while True:
             try:
                 self.terms = symbolic_trace(self.model, args, kwargs, self._stand_ins())
+                self._augment()
                 self._analyse_terms()
                 break
             except _Densify as e:
@@ -163,6 +167,28 @@ class CAVI:
                 values[name] = Sym(f.stand_in().detach().clone().to(self.dtype), expr)
         return values
 
+    def _augment(self) -> None:
+        """Add a Polya-Gamma factor for every logistic likelihood with latent logits."""
+        for name in [n for n, f in self.factors.items() if f.auxiliary]:
+            del self.factors[name]
+        for term in self.terms:
+            base, _, _ = unwrap(term.fn)
+            if not isinstance(base, (dist.Bernoulli, dist.Binomial, StickBreakingCategorical)) or not has_latent_logits(base):
+                continue
+            batch = term.fn.batch_shape
+            plates = batch[max(0, len(batch) - self.max_plate_nesting):] if self.max_plate_nesting else torch.Size()
+            weight = self._weight(term).expand(plates) if self._weight(term).dim() <= len(plates) else self._weight(term)
+            if isinstance(base, StickBreakingCategorical):
+                shape = plates + base.logits.shape[-1:]
+                b, weight = 1.0, weight.unsqueeze(-1)
+            elif isinstance(base, dist.Binomial):
+                shape, b = plates, base.total_count.expand(batch).reshape(batch)[(0,) * (len(batch) - len(plates))]
+            else:
+                shape, b = plates, 1.0
+            self.factors[pg_name(term.name)] = PolyaGammaFactor(
+                pg_name(term.name), shape, b, weight, self.dtype, self.device
+            )
+
     def _analyse_terms(self) -> None:
         """Evaluate every term once: checks conjugacy now (errors name the sites) and records
         which latents each term involves."""
@@ -179,7 +205,7 @@ class CAVI:
             ]
         self._terms_of = {
             name: [t for t in self.terms if name in t.latent or name in t.discrete or t.name == name]
-            for name in self.latents
+            for name in self.factors
         }
 
     # ------------------------------------------------------------------ the objective
@@ -234,6 +260,10 @@ class CAVI:
         f.update(grads)
 
     def _sweep(self) -> None:
+        # augmentation variables first, so every sweep starts from bounds tight at the current factors
+        for name, f in self.factors.items():
+            if f.auxiliary:
+                self._update(name)
         for name in self.latents:
             self._update(name)
 
@@ -257,6 +287,9 @@ class CAVI:
             else:
                 probs = torch.distributions.Dirichlet(torch.ones(k)).sample((n,)).to(self.dtype).to(self.device)
             f.set(probs.reshape(f.shape + (k,)))
+        for name, f in self.factors.items():
+            if f.auxiliary:
+                self._update(name)
         for name in self.latents:
             if name not in discrete:
                 self._update(name)
@@ -266,6 +299,7 @@ class CAVI:
 
     def _reset(self) -> None:
         self.factors = {name: self._make_factor(site, None) for name, site in self.latents.items()}
+        self._augment()
         self._initialised = False
         self.elbo_trace = []
 
@@ -341,7 +375,7 @@ class CAVI:
     @property
     def posterior(self) -> Dict[str, torch.distributions.Distribution]:
         """Latent site name -> the fitted factor as a torch distribution with the site's shape."""
-        return {name: f.distribution() for name, f in self.factors.items()}
+        return {name: self.factors[name].distribution() for name in self.latents}
 
     def guide(self, *args, **kwargs) -> Dict[str, Tensor]:
         """A Pyro guide drawing every latent site from its fitted factor (for ``Predictive``)."""
@@ -349,12 +383,12 @@ class CAVI:
             raise RuntimeError("CAVI.guide: call step() or run() before using the guide")
         # each site keeps its batch (plate) dimensions, so the guide also runs inside a
         # vectorising plate of draws (``Predictive(..., parallel=True)``)
-        return {name: pyro.sample(name, f.distribution()) for name, f in self.factors.items()}
+        return {name: pyro.sample(name, self.factors[name].distribution()) for name in self.latents}
 
     def summary(self) -> str:
         lines = [f"CAVI over {len(self.factors)} factor(s)" + (f", ELBO {self.elbo_trace[-1]:.6f}" if self.elbo_trace else "")]
-        for name, f in self.factors.items():
-            site = self.latents[name]
+        for name in self.latents:
+            f, site = self.factors[name], self.latents[name]
             rules = [t.uses[name] for t in self.terms if name in t.uses and t.name != name]
             if site.family == "Categorical":
                 rules = [f"{t.name!r} ({type(unwrap(t.fn)[0]).__name__})" for t in self.terms if name in t.discrete and t.name != name]
@@ -364,6 +398,10 @@ class CAVI:
                 f"  {name}: {f.family}{extra} factor, shape {tuple(f.shape)}, prior {prior}; "
                 f"conjugate through {', '.join(rules) if rules else 'its prior only'}"
             )
+        for name, f in self.factors.items():
+            if f.auxiliary:
+                site = name.rsplit(".", 1)[0]
+                lines.append(f"  {name}: {f.family} factor, shape {tuple(f.shape)}, augmenting the logistic likelihood of {site!r}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

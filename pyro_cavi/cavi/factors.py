@@ -26,6 +26,7 @@ Categorical    one-hot(x)                        probs = softmax(g)
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -48,6 +49,7 @@ class ExpFamilyFactor:
     family: str = ""
     discrete: bool = False
     positive: bool = False
+    auxiliary: bool = False  # not a model site (e.g. a Polya-Gamma augmentation variable)
 
     def __init__(self, site: str, shape: torch.Size, event_dim: int, dtype, device):
         self.site = site
@@ -413,3 +415,61 @@ class CategoricalFactor(ExpFamilyFactor):
 
     def stand_in(self):
         return self.support[0].expand(self.shape)
+
+
+def polya_gamma_mean(b: Tensor, c: Tensor) -> Tensor:
+    """:math:`E[\\omega] = \\frac{b}{2c}\\tanh(c/2)` for :math:`\\omega \\sim PG(b, c)`, with its c -> 0 limit b/4."""
+    c = c.abs()
+    small = c < 1e-4
+    safe = torch.where(small, torch.ones_like(c), c)
+    return torch.where(small, b / 4 * (1 - c * c / 12), b / (2 * safe) * torch.tanh(safe / 2))
+
+
+def log_cosh(x: Tensor) -> Tensor:
+    x = x.abs()
+    return x + torch.nn.functional.softplus(-2 * x) - math.log(2.0)
+
+
+class PolyaGammaFactor(ExpFamilyFactor):
+    r"""Pólya-Gamma factor :math:`q(\omega) = PG(b, c)` of an augmented logistic likelihood.
+
+    Augmentation (Polson, Scott & Windle 2013): for logits :math:`\psi`,
+    :math:`\frac{(e^\psi)^a}{(1 + e^\psi)^b} = 2^{-b} e^{\kappa\psi}
+    \int_0^\infty e^{-\omega\psi^2/2} PG(\omega \mid b, 0)\, d\omega` with
+    :math:`\kappa = a - b/2`. Relative to its base measure :math:`PG(b, 0)` the factor is
+    exponential-family with statistic :math:`\omega`, natural parameter
+    :math:`-c^2/2` and log-normaliser :math:`-b \log\cosh(c/2)`; the optimal
+    :math:`c^2 = E_q[\psi^2]`. ``entropy()`` returns :math:`H[q] + E_q[\log PG(\omega|b, 0)]
+    = -\mathrm{KL}(q \,\|\, PG(b, 0))`, weighted by the likelihood term's weight, since the
+    base measure belongs to the augmented model. The fixed point is the Jaakkola-Jordan bound.
+    """
+
+    family = "PolyaGamma"
+    auxiliary = True
+
+    def __init__(self, site, shape, b: Tensor, weight: Tensor, dtype, device):
+        super().__init__(site, shape, 0, dtype, device)
+        self.b = torch.as_tensor(b, dtype=dtype, device=device).expand(self.shape)
+        self.weight = torch.as_tensor(weight, dtype=dtype, device=device).expand(self.shape)
+        self.set(torch.zeros(self.shape, dtype=dtype, device=device))
+
+    def set(self, c: Tensor) -> None:
+        self.c = c
+        self.mean_params = (polya_gamma_mean(self.b, c),)
+
+    def update(self, grads):
+        # d E[log p] / d E[omega] = -weight * E[psi²] / 2 (summed over enumerated values)
+        g = grads[0]
+        positive = self.weight > 0
+        c2 = torch.where(positive, -2 * g / torch.where(positive, self.weight, torch.ones_like(self.weight)), torch.zeros_like(g))
+        self.set(c2.clamp_min(0).sqrt())
+
+    def entropy(self):
+        kl = self.b * log_cosh(self.c / 2) - 0.5 * self.c ** 2 * self.mean_params[0]
+        return -(self.weight * kl).sum()
+
+    def distribution(self):
+        raise NotImplementedError("Polya-Gamma factors are auxiliary; draw from them with the polyagamma package")
+
+    def stand_in(self):
+        return self.mean_params[0]

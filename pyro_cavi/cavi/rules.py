@@ -21,6 +21,7 @@ from pyro.distributions.torch_distribution import MaskedDistribution, ExpandedDi
 
 from . import expectations as ex
 from .errors import NonConjugateError
+from ..distributions.stick_breaking import StickBreakingCategorical
 from .symbolic import Sym
 
 Tensor = torch.Tensor
@@ -85,6 +86,12 @@ class Expect:
             return ex.mean_pow(x, power, self.factors, self.mu)
         except ex.NotConjugate as e:
             self._fail(param, x, str(e))
+
+    def omega(self) -> Tensor:
+        """E[omega] of the Polya-Gamma factor augmenting this site's logistic likelihood."""
+        name = pg_name(self.site)
+        self.used.setdefault(name, "Polya-Gamma augmentation")
+        return self.mu[name][0]
 
     def const(self, x, param, hint: str = ""):
         if not ex.is_constant(x):
@@ -171,21 +178,82 @@ _SB_HINT = (
 def _probs(fn, E: Expect, kind: str):
     if "probs" in fn.__dict__ or "logits" not in fn.__dict__:
         return fn.probs
-    E.const(fn.logits, "logits", _SB_HINT if kind == "categorical" else
-            " (logistic likelihoods with latent logits need Polya-Gamma augmentation)")
+    E.const(fn.logits, "logits", _SB_HINT)
     return fn.probs
 
 
+def pg_name(site: str) -> str:
+    return f"{site}.omega"
+
+
+def has_latent_logits(fn) -> bool:
+    """Whether a logistic-family distribution's logits depend on latents (so it needs Polya-Gamma)."""
+    return isinstance(fn.__dict__.get("logits"), Sym)
+
+
+def _logistic_pieces(fn, v, E: Expect):
+    """(constant, kappa, b, quadratic weight) of the augmented log density
+    ``const - b log 2 + kappa psi - q omega psi² / 2`` for Bernoulli, Binomial and
+    stick-breaking likelihoods with logits ``psi``."""
+    if isinstance(fn, StickBreakingCategorical):
+        j = torch.arange(fn.logits.shape[-1], device=v.device)
+        v = v.unsqueeze(-1)
+        reached = (v >= j).to(fn.logits.dtype)
+        stop = (v == j).to(fn.logits.dtype)
+        return 0.0, reached * (stop - 0.5), reached, reached
+    if isinstance(fn, tdist.Binomial):
+        n = E.const(fn.total_count, "total_count")
+        log_choose = torch.lgamma(n + 1) - torch.lgamma(v + 1) - torch.lgamma(n - v + 1)
+        return log_choose, v - n / 2, n, 1.0
+    return 0.0, v - 0.5, 1.0, 1.0
+
+
+def _logistic(fn, v, E: Expect):
+    psi = fn.logits
+    const, kappa, b, q = _logistic_pieces(fn, v, E)
+    lp = const - b * math.log(2.0) + kappa * E.mean(psi, "logits") - 0.5 * q * E.omega() * E.sq(psi, "logits")
+    return lp.sum(-1) if isinstance(fn, StickBreakingCategorical) else lp
+
+
+def _logistic_summed(fn, v, E: Expect, weight):
+    psi = fn.logits
+    const, kappa, b, q = _logistic_pieces(fn, v, E)
+    if isinstance(fn, StickBreakingCategorical):
+        weight = weight.unsqueeze(-1)
+    linear = weight * (const - b * math.log(2.0) + kappa * E.mean(psi, "logits"))
+    shape = torch.broadcast_shapes(linear.shape, psi.shape)
+    return linear.expand(shape).sum() - 0.5 * E.wsq(psi, weight * q * E.omega(), "logits")
+
+
 def _bernoulli(fn, v, E: Expect):
+    if has_latent_logits(fn):
+        return _logistic(fn, v, E)
     p = _probs(fn, E, "bernoulli")
     return v * E.log(p, "probs") + (1 - v) * E.log1m(p, "probs")
 
 
 def _binomial(fn, v, E: Expect):
+    if has_latent_logits(fn):
+        return _logistic(fn, v, E)
     n = E.const(fn.total_count, "total_count")
     p = _probs(fn, E, "bernoulli")
     log_choose = torch.lgamma(n + 1) - torch.lgamma(v + 1) - torch.lgamma(n - v + 1)
     return log_choose + v * E.log(p, "probs") + (n - v) * E.log1m(p, "probs")
+
+
+def _stick_breaking(fn, v, E: Expect):
+    if has_latent_logits(fn):
+        return _logistic(fn, v, E)
+    return fn.log_prob(v)
+
+
+def _logistic_or_plain_summed(plain):
+    def summed(fn, v, E, weight):
+        if has_latent_logits(fn):
+            return _logistic_summed(fn, v, E, weight)
+        return (plain(fn, v, E) * weight).sum()
+
+    return summed
 
 
 def _geometric(fn, v, E: Expect):
@@ -227,10 +295,16 @@ RULES: Dict[type, Callable] = {
     tdist.Categorical: _categorical,
     tdist.Multinomial: _multinomial,
     tdist.Dirichlet: _dirichlet,
+    StickBreakingCategorical: _stick_breaking,
 }
 
 
-SUMMED_RULES: Dict[Callable, Callable] = {_normal: _normal_summed}
+SUMMED_RULES: Dict[Callable, Callable] = {
+    _normal: _normal_summed,
+    _bernoulli: _logistic_or_plain_summed(_bernoulli),
+    _binomial: _logistic_or_plain_summed(_binomial),
+    _stick_breaking: _logistic_or_plain_summed(_stick_breaking),
+}
 
 
 def find_rule(fn) -> Callable | None:

@@ -25,6 +25,7 @@ import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from ..distributions.stick_breaking import StickBreakingCategorical
 from .errors import NonConjugateError
 from .rules import unwrap
 
@@ -32,7 +33,7 @@ Tensor = torch.Tensor
 
 GAUSSIAN = (dist.Normal, dist.MultivariateNormal)
 POSITIVE = {dist.Gamma: "Gamma", dist.InverseGamma: "InverseGamma", dist.Beta: "Beta", dist.Dirichlet: "Dirichlet"}
-DISCRETE = (dist.Categorical, dist.Bernoulli)
+DISCRETE = (dist.Categorical, dist.Bernoulli, StickBreakingCategorical)
 
 
 @dataclass
@@ -157,6 +158,8 @@ def prior_structure(model, args, kwargs):
             base, _, _ = unwrap(fn)
             if isinstance(base, dist.Bernoulli):
                 support = torch.tensor([0.0, 1.0])
+            elif isinstance(base, StickBreakingCategorical):
+                support = torch.arange(base.num_categories)
             else:
                 support = torch.arange(base._num_events)
         nesting = max(nesting, len(fn.batch_shape))
