@@ -212,6 +212,24 @@ def test_hybrid_elbo_rejects_local_site_in_guide_and_uncovered_latents():
         HybridELBO(3)
 
 
+def test_named_guides_keep_separate_parameters():
+    pyro.clear_param_store()
+    _, args = _data(num_groups=10)
+    optim = NGHVIOptim()
+    guides = [HybridGuide(linear_random_intercept, "alpha", name=n) for n in ("first", "second")]
+    svi = [SVI(linear_random_intercept, g, optim, HybridELBO(g.conditional)) for g in guides]
+    svi[0].step(*args)
+    svi[0].step(*args)
+    svi[1].step(*args)
+    store = pyro.get_param_store()
+    assert {"first.loc", "second.loc"} <= set(store.keys())
+    assert not torch.equal(pyro.param("first.loc"), pyro.param("second.loc"))
+    kinds = sorted(store.param_name(k) for k, v in optim.optim_objs.items() if type(v).__name__ == "NaturalGradientAdadelta")
+    assert kinds == ["first.loc", "second.loc"]
+    with pytest.raises(ValueError, match="non-empty string"):
+        HybridGuide(linear_random_intercept, "alpha", name="")
+
+
 def test_sg_hvi_optimiser_has_no_natural_gradient():
     optim = SGHVIOptim()
     assert optim.pt_optim_args["natural_gradient"] is False

@@ -29,17 +29,23 @@ class HybridGuide:
     :param int rank: number of factors ``p`` of the covariance (the paper uses ``p = 3``).
     :param global_guide: an existing guide over the global sites (then ``rank`` and
         ``guide_kwargs`` are ignored).
+    :param str name: prefix of the default guide's parameter names in Pyro's param store
+        (``"<name>.loc"`` ...); give each of several live guides its own name.
     :param guide_kwargs: passed to ``AutoLowRankMultivariateNormal`` (default
         ``init_loc_fn=init_to_feasible``).
     """
 
-    def __init__(self, model, local_sites, rank: int = 3, global_guide=None, **guide_kwargs):
+    def __init__(self, model, local_sites, rank: int = 3, global_guide=None, name: str | None = None, **guide_kwargs):
         self.model = model
         self.conditional = _as_conditional(local_sites)
         if global_guide is None:
             guide_kwargs.setdefault("init_loc_fn", init_to_feasible)
             global_model = poutine.block(model, hide=list(self.conditional.sites))
             global_guide = AutoLowRankMultivariateNormal(global_model, rank=rank, **guide_kwargs)
+            if name is not None:
+                if not isinstance(name, str) or not name:
+                    raise ValueError(f"name must be a non-empty string, got {name!r}")
+                global_guide._pyro_name = name  # PyroModule's name: the param-store prefix
         self.global_guide = global_guide
 
     def __call__(self, *args, **kwargs) -> dict:
