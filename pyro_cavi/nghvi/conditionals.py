@@ -18,6 +18,7 @@ into an enclosing trace.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -105,7 +106,7 @@ def _gaussian_from_graph(logp: Tensor, z: Tensor, event_dim: int, site: str, log
     z0 = z
     with torch.enable_grad():
         batch_shape = z0.shape[: z0.dim() - event_dim]
-        k = int(np.prod(z0.shape[z0.dim() - event_dim :], dtype=np.int64))
+        k = math.prod(z0.shape[z0.dim() - event_dim :])
         (grad,) = torch.autograd.grad(logp, z, create_graph=True)
         if not grad.requires_grad:
             raise ValueError(f"the log joint does not depend quadratically on local site '{site}'")
