@@ -114,6 +114,38 @@ def test_s2a_over_all_subsets_equals_a2a(data, fixed_mixture, S):
     assert np.std(losses) > 1e-3
 
 
+def test_s2a_gradient_over_all_subsets_equals_a2a_gradient(data):
+    pyro.set_rng_seed(12)
+    A, S = 4, 2
+    locs = torch.randn(A, D, requires_grad=True)
+    log_scales = (0.3 * torch.randn(A, D)).requires_grad_()
+    noise = torch.randn(A, D)
+    def component(a):  # reads the leaf tensors on every call, like a guide reading pyro.params
+        def guide(x):
+            pyro.sample("z", FixedNoiseNormal(locs[a], log_scales[a].exp(), noise[a]).to_event(1))
+
+        return guide
+
+    guide = MixtureGuide([component(a) for a in range(A)])
+    a2a = MISELBO(estimator="a2a").differentiable_loss(gaussian_model, guide, data)
+    expected = torch.autograd.grad(a2a, [locs, log_scales])
+    s2a = MISELBO(num_sampled=S, estimator="s2a")
+    subsets = list(itertools.combinations(range(A), S))
+    mean = sum(s2a.subset_loss(gaussian_model, guide, torch.tensor(c), data) for c in subsets) / len(subsets)
+    actual = torch.autograd.grad(mean, [locs, log_scales])
+    for g_actual, g_expected in zip(actual, expected):
+        assert torch.allclose(g_actual, g_expected, rtol=1e-4, atol=1e-5)
+    assert expected[0].abs().min() > 0
+
+
+def test_particle_loop_averages_particles(data, fixed_mixture):
+    guide, *_ = fixed_mixture  # fixed noise: every particle is the same draw
+    one = MISELBO(estimator="a2a").loss(gaussian_model, guide, data)
+    looped = MISELBO(estimator="a2a", num_particles=3).loss(gaussian_model, guide, data)
+    vectorised = MISELBO(estimator="a2a", num_particles=3, vectorize_particles=True).loss(gaussian_model, guide, data)
+    assert looped == pytest.approx(one, rel=1e-6) and vectorised == pytest.approx(one, rel=1e-6)
+
+
 def test_s2s_uses_only_sampled_components(data, fixed_mixture):
     guide, locs, scales, noise = fixed_mixture
     s2s = MISELBO(num_components=4, num_sampled=2, estimator="s2s")
