@@ -201,6 +201,35 @@ def test_single_component_equals_trace_elbo(num_particles, vectorize):
         assert torch.allclose(g_actual, g_expected, rtol=1e-5, atol=1e-6)
 
 
+def hierarchical_model(x):
+    loc = pyro.sample("loc", dist.Normal(torch.zeros(2), 2.0).to_event(1))
+    scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("groups", x.shape[0]):
+        theta = pyro.sample("theta", dist.Normal(loc, scale.unsqueeze(-1)).to_event(1))
+        pyro.sample("x", dist.Normal(theta, 1.0).to_event(1), obs=x)
+
+
+def test_stacked_autonormal_densities_equal_one_replay_per_component():
+    pyro.set_rng_seed(13)
+    x = torch.randn(4, 2)
+    guide = MixtureGuide.from_autoguide(hierarchical_model, 3, init_scale=0.7)
+    elbo = MISELBO(num_sampled=2, estimator="s2a", num_particles=5, vectorize_particles=True)
+    elbo.loss(hierarchical_model, guide, x)
+    particle_dim = -elbo.max_plate_nesting - 1
+    samples = guide.sample_components(torch.tensor([2, 0]), 5, particle_dim, x)
+    fast = guide.log_prob_components(samples, torch.arange(3), particle_dim, x)
+    assert fast.shape == (3, 10)
+    loop = torch.stack([guide._replay_log_prob(a, samples, particle_dim, (x,), {}) for a in range(3)])
+    assert torch.allclose(fast, loop, rtol=1e-5, atol=1e-4)
+    # and against log densities written out by hand for component 1 at the first particle
+    c = guide.components[1]
+    z = {name: samples.values[name][0].squeeze() for name in ("loc", "scale", "theta")}
+    ref = (dist.Normal(c.locs.loc, c.scales.loc).log_prob(z["loc"]).sum()
+           + dist.LogNormal(c.locs.scale, c.scales.scale).log_prob(z["scale"])
+           + dist.Normal(c.locs.theta, c.scales.theta).log_prob(z["theta"]).sum())
+    assert fast[1, 0].item() == pytest.approx(ref.item(), rel=1e-5)
+
+
 def _component_grads(guide, loss):
     grads = []
     for component in guide.components:

@@ -3,6 +3,7 @@ from contextlib import ExitStack
 from typing import Callable, Sequence, Type
 
 import torch
+from torch import Tensor
 
 import pyro
 import pyro.distributions as dist
@@ -131,20 +132,47 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
 
     def log_prob_components(self, samples, components, particle_dim, *args, **kwargs):
         components = check_components(components, self.num_components)
+        if all(type(self.components[a]) is AutoNormal for a in components.tolist()):
+            return self._log_prob_autonormals(samples, components, particle_dim, args, kwargs)
+        return torch.stack([
+            self._replay_log_prob(a, samples, particle_dim, args, kwargs, auxiliary=True)
+            for a in components.tolist()
+        ])
+
+    def _replay_log_prob(self, a, samples, particle_dim, args, kwargs, auxiliary=True) -> Tensor:
+        """``log q_a`` at all ``K`` particles by one vectorised replay of component ``a``
+        (with ``auxiliary=False``, only the non-auxiliary sites' terms)."""
         size = samples.size
-        rows = []
-        for a in components.tolist():
-            trace = prune_subsample_sites(self._trace_component(a, size, particle_dim, samples.values, args, kwargs))
-            trace.compute_log_prob()
-            row = torch.zeros(size)
-            for name, site in trace.nodes.items():
-                if site["type"] != "sample":
-                    continue
-                if name not in samples.values:
-                    raise ValueError(f"component {a} samples site '{name}', which the other components do not")
-                row = row + sum_to_particles(site["log_prob"], particle_dim, size)
-            rows.append(row)
-        return torch.stack(rows)
+        trace = prune_subsample_sites(self._trace_component(a, size, particle_dim, samples.values, args, kwargs))
+        trace.compute_log_prob()
+        total = torch.zeros(size)
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if name not in samples.values:
+                raise ValueError(f"component {a} samples site '{name}', which the other components do not")
+            if auxiliary or not site["infer"].get("is_auxiliary"):
+                total = total + sum_to_particles(site["log_prob"], particle_dim, size)
+        return total
+
+    def _log_prob_autonormals(self, samples, components, particle_dim, args, kwargs) -> Tensor:
+        """Fast path for ``AutoNormal`` components: ``log q_j(z) = log N(u; loc_j, scale_j) +
+        log |du/dz|`` with ``u`` the unconstrained value. The Normal term is one broadcast over the
+        stacked ``(J, ...)`` locs and scales; the Jacobian term does not depend on ``j`` and comes
+        from a single replay."""
+        log_jacobian = self._replay_log_prob(components[0].item(), samples, particle_dim, args, kwargs,
+                                             auxiliary=False)
+        guides = [self.components[a] for a in components.tolist()]
+        total = log_jacobian.unsqueeze(0)
+        for name in guides[0]._event_dims:
+            u = samples.values[name + "_unconstrained"]
+            u = u.movedim(particle_axis(u, samples.event_dims[name + "_unconstrained"], particle_dim), 0)
+            locs, scales = zip(*(guide._get_loc_and_scale(name) for guide in guides))
+            locs, scales = torch.stack(locs), torch.stack(scales)
+            shape = (len(guides),) + (1,) * (u.dim() - locs.dim() + 1) + locs.shape[1:]
+            log_prob = dist.Normal(locs.reshape(shape), scales.reshape(shape)).log_prob(u.unsqueeze(0))
+            total = total + log_prob.reshape(log_prob.shape[:2] + (-1,)).sum(-1)
+        return total
 
     def forward(self, *args, **kwargs):
         """Draw ``z ~ (1/A) sum_a q_a``: every component is run (blocked), then each draw of any
