@@ -1,6 +1,6 @@
 """The multiple importance sampling ELBO with the A2A, S2A and S2S estimators."""
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -131,35 +131,30 @@ class MISELBO(ELBO):
         log_q = log_q.reshape(samples.size, -1).sum(-1)
         return (log_p - log_q).mean()
 
-    def subset_loss(self, model, guide, components, *args, **kwargs) -> Tensor:
-        """The differentiable loss (-MISELBO estimate) with the sampled components fixed to
-        ``components`` (a 1-d index tensor) instead of drawn at random."""
-        self._check_guide(guide)
-        particle_dim = self._particle_dim(model, guide, args, kwargs)
-        components = torch.as_tensor(components, dtype=torch.long)
-        if self.vectorize_particles:
-            elbo = self._estimate(model, guide, components, self.num_particles, particle_dim, args, kwargs)
-        else:
-            elbo = sum(
-                self._estimate(model, guide, components, 1, particle_dim, args, kwargs)
-                for _ in range(self.num_particles)
-            ) / self.num_particles
-        return -elbo
-
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
-        """A differentiable estimate of -MISELBO."""
-        A = self._check_guide(guide)
+    def _loss(self, model, guide, draw: Callable[[], Tensor], args, kwargs) -> Tensor:
         particle_dim = self._particle_dim(model, guide, args, kwargs)
         if self.vectorize_particles:
-            elbo = self._estimate(model, guide, self.draw_components(A), self.num_particles, particle_dim, args, kwargs)
-        else:
+            elbo = self._estimate(model, guide, draw(), self.num_particles, particle_dim, args, kwargs)
+        else:  # one component subset per particle
             elbo = sum(
-                self._estimate(model, guide, self.draw_components(A), 1, particle_dim, args, kwargs)
+                self._estimate(model, guide, draw(), 1, particle_dim, args, kwargs)
                 for _ in range(self.num_particles)
             ) / self.num_particles
         loss = -elbo
         warn_if_nan(loss, "loss")
         return loss
+
+    def subset_loss(self, model, guide, components, *args, **kwargs) -> Tensor:
+        """The differentiable loss (-MISELBO estimate) with the sampled components fixed to
+        ``components`` (a 1-d index tensor) instead of drawn at random."""
+        self._check_guide(guide)
+        components = torch.as_tensor(components, dtype=torch.long)
+        return self._loss(model, guide, lambda: components, args, kwargs)
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> Tensor:
+        """A differentiable estimate of -MISELBO."""
+        A = self._check_guide(guide)
+        return self._loss(model, guide, lambda: self.draw_components(A), args, kwargs)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """An estimate of -MISELBO, as a float."""
