@@ -16,14 +16,25 @@ callable), replays the model on them with Pyro's effect handlers and collects
 Latent sites are drawn jointly from the variational posterior; local discrete sites
 are drawn too, so the pointwise log likelihood is conditional on them.
 
+``psis=True`` weighs the same draws by PSIS (:func:`pyro_cavi.diagnostics.psis`): the
+smoothed log weights and raw log ratios go to ``sample_stats`` (``log_weight``,
+``log_ratio``), k-hat, its reading and the ESS to ``attrs`` (``psis_khat``, ...);
+``psis="resample"`` instead puts importance-resampled draws in ``posterior``.
+
+A list of fits (e.g. CAVI from several seeds) gives one chain per fit, so ``az.rhat`` /
+``az.plot_trace`` flag fits that ended in different optima; ``attrs`` hold each chain's
+ELBO (``chain_elbo``), the best one (``best_elbo``) and its chain (``best_chain``).
+
 ArviZ 0.x returns ``InferenceData``; ArviZ 1.x's ``from_dict`` returns a ``DataTree``
 with the same groups. Both are built through ``az.from_dict``.
 """
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections import defaultdict
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -79,12 +90,15 @@ def _latent_draws(guide, model, args, kwargs, num_samples):
         return {n: torch.stack([r.nodes[n]["value"] for r in rows]) for n in latent if n in rows[0].nodes}, plain
 
 
-def _draw(guide, model, args, kwargs, num_samples):
+def _draw(guide, model, args, kwargs, num_samples, values=None):
     posterior: Dict[str, list] = defaultdict(list)
     predictive: Dict[str, list] = defaultdict(list)
     log_lik: Dict[str, list] = defaultdict(list)
     with torch.no_grad():
-        values, plain = _latent_draws(guide, model, args, kwargs, num_samples)
+        if values is None:
+            values, plain = _latent_draws(guide, model, args, kwargs, num_samples)
+        else:
+            plain = poutine.trace(model).get_trace(*args, **kwargs)
         for i in range(num_samples):
             tr = poutine.trace(poutine.condition(model, data={k: v[i] for k, v in values.items()})).get_trace(
                 *args, **kwargs
@@ -99,38 +113,110 @@ def _draw(guide, model, args, kwargs, num_samples):
     return posterior, predictive, log_lik, observed
 
 
-def to_inference_data(fit: Any, model: Callable, *args, num_samples: int = 1000, **kwargs):
+def _final_elbo(fit) -> Optional[float]:
+    trace = getattr(fit, "elbo_trace", None)
+    return float(trace[-1]) if trace else None
+
+
+def _chain(fit, model, args, kwargs, num_samples, psis):
+    """One chain: posterior draws, predictive, log likelihood, observed data and its statistics."""
+    guide = getattr(fit, "guide", fit)
+    if not callable(guide):
+        raise TypeError(f"to_inference_data: {type(fit).__name__} has no guide to draw from")
+    stats, values = {}, None
+    if psis:
+        from .diagnostics.psis import psis as run_psis
+
+        res = run_psis(fit, model, *args, num_samples=num_samples, **kwargs)
+        stats = {"khat": res.khat, "reading": res.reading, "ess": res.ess, "elbo_estimate": float(res.log_ratios.mean())}
+        if psis == "resample":
+            values = res.resample(num_samples)
+        else:
+            values = res.draws
+            stats["log_weight"] = _numpy(res.log_weights)
+            stats["log_ratio"] = _numpy(res.log_ratios)
+    return _draw(guide, model, args, kwargs, num_samples, values), stats
+
+
+def _stack(chains: List[Dict[str, list]]) -> Dict[str, np.ndarray]:
+    names = chains[0].keys()
+    for c, chain in enumerate(chains[1:], 1):
+        if chain.keys() != names:
+            raise ValueError(f"fit {c} has sites {sorted(chain)} but fit 0 has {sorted(names)}; chains must agree")
+    return {k: np.stack([np.asarray(chain[k]) for chain in chains]) for k in names}
+
+
+def _elbo_traces(fits) -> Optional[np.ndarray]:
+    """ELBO traces, one row per chain, padded with NaN to the longest; ``(chain, 1, sweep)``."""
+    traces = [np.asarray(getattr(f, "elbo_trace", None) or [], dtype=float) for f in fits]
+    if not any(len(t) for t in traces):
+        return None
+    out = np.full((len(traces), 1, max(len(t) for t in traces)), np.nan)
+    for c, t in enumerate(traces):
+        out[c, 0, : len(t)] = t
+    return out
+
+
+def to_inference_data(
+    fit: Any,
+    model: Callable,
+    *args,
+    num_samples: int = 1000,
+    psis: Union[bool, str] = False,
+    **kwargs,
+):
     """ArviZ ``InferenceData`` for a fitted engine (``CAVI``, ``ForwardKL``, ...) or a guide.
 
     :param fit: an object with a ``.guide`` attribute, or a Pyro guide callable taking the
-        model's arguments.
+        model's arguments; or a list of them (e.g. CAVI fits from different seeds): one
+        chain per fit.
     :param model: the Pyro model, called with ``*args, **kwargs`` (with the observed data).
-    :param num_samples: number of posterior draws.
+    :param num_samples: number of posterior draws (per chain).
+    :param psis: ``True`` to store PSIS k-hat, ESS (``attrs``) and the smoothed log weights
+        (``sample_stats.log_weight``) of the draws; ``"resample"`` to put importance-resampled
+        draws in ``posterior`` instead (k-hat and ESS still in ``attrs``).
     """
     import arviz as az
 
     if num_samples < 1:
         raise ValueError(f"num_samples must be positive, got {num_samples}")
-    guide = getattr(fit, "guide", fit)
-    if not callable(guide):
-        raise TypeError(f"to_inference_data: {type(fit).__name__} has no guide to draw from")
-    posterior, predictive, log_lik, observed = _draw(guide, model, args, kwargs, num_samples)
+    if psis not in (False, True, "resample"):
+        raise ValueError(f"psis must be False, True or 'resample', got {psis!r}")
+    fits = list(fit) if isinstance(fit, (list, tuple)) else [fit]
+    if not fits:
+        raise ValueError("to_inference_data: the list of fits is empty")
+    chains = [_chain(f, model, args, kwargs, num_samples, psis) for f in fits]
+    posterior, predictive, log_lik = (_stack([c[0][i] for c in chains]) for i in range(3))
+    observed = chains[0][0][3]
 
-    def stack(d):
-        return {k: np.asarray(v)[None] for k, v in d.items()}
-
-    sample_stats = {}
+    sample_stats: Dict[str, np.ndarray] = {}
     dims = {}
-    trace = getattr(fit, "elbo_trace", None)
-    if trace:
-        sample_stats["elbo_trace"] = np.asarray(trace, dtype=float)[None, None]
+    traces = _elbo_traces(fits)
+    if traces is not None:
+        sample_stats["elbo_trace"] = traces
         dims["elbo_trace"] = ["sweep"]
-    return az.from_dict(
-        posterior=stack(posterior),
-        posterior_predictive=stack(predictive),
-        log_likelihood=stack(log_lik),
-        observed_data=observed,
-        sample_stats=sample_stats or None,
-        dims=dims or None,
-        attrs={"inference_library": "pyro_cavi", "engine": type(fit).__name__},
-    )
+    attrs: Dict[str, Any] = {"inference_library": "pyro_cavi", "engine": type(fits[0]).__name__}
+    for key in ("log_weight", "log_ratio"):
+        if key in chains[0][1]:
+            sample_stats[key] = np.stack([c[1][key] for c in chains])
+    if psis:
+        for key in ("khat", "reading", "ess", "elbo_estimate"):
+            attrs[f"psis_{key}"] = [c[1][key] for c in chains]
+    elbos = [_final_elbo(f) for f in fits]
+    if all(e is None for e in elbos) and psis:
+        elbos = attrs["psis_elbo_estimate"]  # Monte Carlo ELBO, E_q[log p - log q], of each chain
+    if any(e is not None for e in elbos):
+        attrs["chain_elbo"] = [math.nan if e is None else e for e in elbos]
+        best = int(np.nanargmax(attrs["chain_elbo"]))
+        attrs["best_chain"], attrs["best_elbo"] = best, attrs["chain_elbo"][best]
+    with warnings.catch_warnings():  # elbo_trace has one "draw" per chain, by design
+        warnings.filterwarnings("ignore", message="More chains", category=UserWarning)
+        return az.from_dict(
+            posterior=posterior,
+            posterior_predictive=predictive,
+            log_likelihood=log_lik,
+            observed_data=observed,
+            sample_stats=sample_stats or None,
+            dims=dims or None,
+            attrs=attrs,
+        )
