@@ -268,10 +268,16 @@ class CAVI:
             self._update(name)
 
     def _initialise(self) -> None:
-        """Seed discrete sites from randomly chosen data points (Forgy seeding): each
+        """Draw Gaussian means at random, then seed discrete sites from randomly chosen data points (Forgy seeding): each
         category starts from one batch element of its own, then every continuous factor
         is updated from those seeds and the discrete factors from the continuous ones."""
         gen = self._generator
+        # random means for Gaussian factors break the symmetry of bilinear terms (x1 @ B = 0 is a
+        # saddle point of mean-field CAVI); conjugate models converge from anywhere
+        for f in self.factors.values():
+            if isinstance(f, GaussianFactor):
+                loc = torch.randn(f.loc.shape, generator=gen).to(dtype=self.dtype, device=self.device)
+                f.set(loc, f.scale_tril)
         discrete = [n for n, s in self.latents.items() if s.family == "Categorical"]
         if not discrete:
             self._initialised = True

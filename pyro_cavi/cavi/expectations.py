@@ -26,7 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .factors import ExpFamilyFactor, _NotASufficientStatistic
-from .symbolic import Expr, Lin, Poison, Pos, describe
+from .symbolic import Bil, Expr, Lin, Poison, Pos, describe
 
 Tensor = torch.Tensor
 Moments = Dict[str, Tuple[Tensor, ...]]
@@ -51,13 +51,81 @@ def _lin_terms(e: Lin, factors, mu):
         yield s, coef, idx, f, m, M
 
 
+def _block_mean(site, idx, mu):
+    m = mu[site][0]
+    return m[0].expand(idx.shape + m.shape[-1:]) if m.shape[0] == 1 else m[idx]
+
+
+def _block_second(site, idx_a, idx_b, mu):
+    """E[x_a x_bᵀ] for elements in blocks idx_a and idx_b of one Gaussian site."""
+    m, M = mu[site]
+    if m.shape[0] == 1:
+        return M[0].expand(torch.broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
+    same = (idx_a == idx_b).unsqueeze(-1).unsqueeze(-1)
+    return torch.where(same, M[idx_a], m[idx_a].unsqueeze(-1) * m[idx_b].unsqueeze(-2))
+
+
+def _pair_mean(site_a, site_b, coef, ia, ib, mu):
+    return torch.einsum("...ef,...e,...f->...", coef, _block_mean(site_a, ia, mu), _block_mean(site_b, ib, mu))
+
+
+def _bil_mean(e: Bil, factors, mu) -> Tensor:
+    out = mean(e.lin, factors, mu)
+    for (sa, sb), (coef, ia, ib) in e.pairs.items():
+        out = out + _pair_mean(sa, sb, coef, ia, ib, mu)
+    return out
+
+
+def _bil_second_moment(e: Bil, factors, mu) -> Tensor:
+    r"""E[B²] for B = lin + sum_p x_aᵀ C_p x_b, with sites independent under q: each site's
+    occurrences are contracted with its first moment (once) or second moment (twice)."""
+    lin = e.lin
+    out = second_moment(lin, factors, mu)
+    letters = iter("abcdefghijklmnopqrstuvwxyz")
+    pairs = list(e.pairs.items())
+    # cross terms 2 E[lin * pair]
+    for (sa, sb), (coef, ia, ib) in pairs:
+        cross = lin.const.expand(e.shape) * _pair_mean(sa, sb, coef, ia, ib, mu)
+        for s, (a, idx) in lin.terms.items():
+            a = a.expand(e.shape + a.shape[-1:])
+            if s == sa:
+                cross = cross + torch.einsum("...g,...ge,...ef,...f->...", a, _block_second(s, idx.expand(e.shape), ia, mu), coef, _block_mean(sb, ib, mu))
+            elif s == sb:
+                cross = cross + torch.einsum("...g,...gf,...ef,...e->...", a, _block_second(s, idx.expand(e.shape), ib, mu), coef, _block_mean(sa, ia, mu))
+            else:
+                cross = cross + (a * _block_mean(s, idx.expand(e.shape), mu)).sum(-1) * _pair_mean(sa, sb, coef, ia, ib, mu)
+        out = out + 2 * cross
+    # pair x pair terms
+    for (key1, (c1, i1a, i1b)) in pairs:
+        for (key2, (c2, i2a, i2b)) in pairs:
+            slots = [(key1[0], i1a, "e"), (key1[1], i1b, "f"), (key2[0], i2a, "g"), (key2[1], i2b, "h")]
+            operands, subs = [c1, c2], ["...ef", "...gh"]
+            done = set()
+            for i, (site, idx, letter) in enumerate(slots):
+                if i in done:
+                    continue
+                partner = next((j for j in range(i + 1, 4) if slots[j][0] == site), None)
+                if partner is None:
+                    operands.append(_block_mean(site, idx, mu))
+                    subs.append("..." + letter)
+                else:
+                    done.add(partner)
+                    operands.append(_block_second(site, idx, slots[partner][1], mu))
+                    subs.append("..." + letter + slots[partner][2])
+            out = out + torch.einsum(",".join(subs) + "->...", *operands)
+    # remove the (E lin)² double count: second_moment(lin) already holds E[lin²]
+    return out
+
+
 def mean(x, factors: Dict[str, ExpFamilyFactor], mu: Moments) -> Tensor:
-    """:math:`E_q[x]` for a constant or an affine expression of Gaussian latents."""
+    """:math:`E_q[x]` for a constant, an affine or a bilinear expression of Gaussian latents."""
     e = expr_of(x)
     if not isinstance(e, Expr):
         return e
     if isinstance(e, Poison):
         _poison(e)
+    if isinstance(e, Bil):
+        return _bil_mean(e, factors, mu)
     if isinstance(e, Pos):
         raise NotConjugate(f"the positive latent {describe(e)} (only Gaussian latents may enter affinely here)")
     out = e.const.expand(e.shape)
@@ -91,6 +159,8 @@ def variance(x, factors, mu) -> Tensor:
 
 def second_moment(x, factors, mu) -> Tensor:
     """:math:`E_q[x^2]` elementwise."""
+    if isinstance(expr_of(x), Bil):
+        return _bil_second_moment(expr_of(x), factors, mu)
     m = mean(x, factors, mu)
     return m * m + variance(x, factors, mu)
 
@@ -104,6 +174,9 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
     sweep costs O(N D) instead of O(N D²) (the sufficient statistics XᵀX of a regression).
     """
     e = expr_of(x)
+    if isinstance(e, Bil):
+        sq = second_moment(x, factors, mu)
+        return (weight * sq).expand(torch.broadcast_shapes(weight.shape, sq.shape)).sum()
     m = mean(x, factors, mu)
     total = (weight * m * m).sum()
     if not isinstance(e, Lin):

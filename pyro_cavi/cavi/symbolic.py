@@ -79,6 +79,23 @@ class Pos(Expr):
 
 
 @dataclass
+class Bil(Expr):
+    """Bilinear in two independent Gaussian latents (as a product of two affine expressions):
+    ``lin + sum_pairs sum_{e,f} C[..., e, f] x_a[idx_a, e] x_b[idx_b, f]``. Under the
+    mean-field posterior its first two moments are multilinear in the factors' moments."""
+
+    lin: Lin
+    pairs: Dict[Tuple[str, str], Tuple[Tensor, Tensor, Tensor]]
+    shape: torch.Size
+
+    def sites(self) -> set:
+        out = set(self.lin.sites())
+        for a, b in self.pairs:
+            out |= {a, b}
+        return out
+
+
+@dataclass
 class Poison(Expr):
     """A value that is no longer in a conjugate family. ``reason`` names the operation."""
 
@@ -270,6 +287,15 @@ def _map_shape(expr: Expr, out_shape: torch.Size, f: Callable[[Tensor], Tensor],
     if isinstance(expr, Pos):
         factors = tuple(Factor(g.site, f(g.index.expand(shape)), g.power, g.complement) for g in expr.factors)
         return Pos(f(expr.scale.expand(shape)), factors, torch.Size(out_shape), False)
+    if isinstance(expr, Bil):
+        out_shape = torch.Size(out_shape)
+        lin = _map_shape(expr.lin, out_shape, f, fc)
+        pairs = {}
+        for key, (coef, ia, ib) in expr.pairs.items():
+            n1, n2 = coef.shape[-2:]
+            flat = fc(coef.expand(shape + (n1, n2)).reshape(shape + (n1 * n2,)))
+            pairs[key] = (flat.reshape(out_shape + (n1, n2)), f(ia.expand(shape)), f(ib.expand(shape)))
+        return Bil(lin, pairs, out_shape)
     if isinstance(expr, Poison):
         return Poison(expr.reason, expr.latent, torch.Size(out_shape))
     raise TypeError(expr)
@@ -351,6 +377,61 @@ def _pos_mul(a: Pos, b: Pos, shape: torch.Size) -> Pos:
     return Pos(a.scale * b.scale, tuple(factors), shape)
 
 
+def _bil_product(a: Lin, b: Lin, shape: torch.Size) -> "Bil":
+    """(c_a + A x) * (c_b + B y) for affine expressions in disjoint Gaussian latents."""
+    shared = a.sites() & b.sites()
+    if shared:
+        raise _Unsupported(f"a product of the Gaussian latent {sorted(shared)[0]!r} with itself")
+    ca, cb = a.const, b.const
+    lin = _lin_add(_lin_scale(_strip(a), cb, shape), _lin_scale(_strip(b), ca, shape), shape)
+    lin = Lin(lin.const + ca * cb, lin.terms, shape)
+    pairs = {}
+    for sa, (coef_a, ia) in a.terms.items():
+        for sb, (coef_b, ib) in b.terms.items():
+            coef = coef_a.unsqueeze(-1) * coef_b.unsqueeze(-2)
+            coef = coef.expand(shape + coef.shape[-2:])
+            ia_, ib_ = ia.expand(shape), ib.expand(shape)
+            if sb < sa:
+                pairs[(sb, sa)] = (coef.transpose(-1, -2), ib_, ia_)
+            else:
+                pairs[(sa, sb)] = (coef, ia_, ib_)
+    return Bil(lin, pairs, shape)
+
+
+def _strip(a: Lin) -> Lin:
+    return Lin(torch.zeros((), dtype=a.const.dtype, device=a.const.device), a.terms, a.shape)
+
+
+def _as_bil(e, like: Tensor) -> "Bil":
+    if isinstance(e, Bil):
+        return e
+    lin = e if isinstance(e, Lin) else _lin_from_const(_as_tensor(e, like))
+    return Bil(lin, {}, lin.shape)
+
+
+def _bil_add(a: "Bil", b: "Bil", shape: torch.Size, sign: float) -> "Bil":
+    lin = _lin_add(a.lin, b.lin, shape, sign)
+    pairs = dict(a.pairs)
+    for key, (coef, ia, ib) in b.pairs.items():
+        coef = coef * sign
+        if key in pairs:
+            c0, ia0, ib0 = pairs[key]
+            i1, i2 = torch.broadcast_tensors(ia0, ia)
+            j1, j2 = torch.broadcast_tensors(ib0, ib)
+            if not (torch.equal(i1, i2) and torch.equal(j1, j2)):
+                raise _Unsupported(f"a sum of bilinear terms of {key[0]!r} and {key[1]!r} over different plate elements")
+            pairs[key] = (c0 + coef, i1, j1)
+        else:
+            pairs[key] = (coef, ia, ib)
+    return Bil(lin, pairs, shape)
+
+
+def _bil_scale(a: "Bil", c: Tensor, shape: torch.Size) -> "Bil":
+    lin = _lin_scale(a.lin, c, shape)
+    pairs = {k: (coef * c.unsqueeze(-1).unsqueeze(-1), ia, ib) for k, (coef, ia, ib) in a.pairs.items()}
+    return Bil(lin, pairs, shape)
+
+
 def _binary(shape, x, y, op: str):
     """Rules for +, -, *, / between expressions and constants."""
     ex, ey = _expr_of(x), _expr_of(y)
@@ -363,6 +444,19 @@ def _binary(shape, x, y, op: str):
         ex = _as_tensor(ex, like)
     if not isinstance(ey, Expr):
         ey = _as_tensor(ey, like)
+    if isinstance(ex, Bil) or isinstance(ey, Bil):
+        if isinstance(ex, Pos) or isinstance(ey, Pos):
+            raise _Unsupported("a bilinear expression combined with a positive latent")
+        if op in ("add", "sub", "rsub"):
+            if op == "rsub":
+                return _bil_add(_as_bil(ey, like), _as_bil(ex, like), shape, -1.0)
+            return _bil_add(_as_bil(ex, like), _as_bil(ey, like), shape, -1.0 if op == "sub" else 1.0)
+        if op == "mul" and not (isinstance(ex, Expr) and isinstance(ey, Expr)):
+            e, c = (ex, ey) if isinstance(ex, Expr) else (ey, ex)
+            return _bil_scale(e, c, shape)
+        if op == "div" and not isinstance(ey, Expr):
+            return _bil_scale(ex, 1.0 / ey, shape)
+        raise _Unsupported("a product of more than two Gaussian latents")
     if op in ("add", "sub", "rsub"):
         sign = -1.0 if op == "sub" else 1.0
         if op == "rsub":
@@ -389,7 +483,9 @@ def _binary(shape, x, y, op: str):
             if isinstance(ex, Pos) and isinstance(ey, Pos):
                 return _pos_mul(ex, ey, shape)
             if isinstance(ex, Lin) and isinstance(ey, Lin):
-                raise _Unsupported(f"a product of the Gaussian latents {describe(ex)} and {describe(ey)}")
+                if ex.sites() & ey.sites():
+                    raise _Unsupported(f"a product of the Gaussian latents {describe(ex)} and {describe(ey)}")
+                return _bil_product(ex, ey, shape)
             raise _Unsupported(f"a product of the Gaussian latent and the positive latent ({describe(ex)}, {describe(ey)})")
         e, c = (ex, ey) if isinstance(ex, Expr) else (ey, ex)
         return _lin_scale(e, c, shape) if isinstance(e, Lin) else _pos_scale(e, c, shape)
@@ -422,6 +518,8 @@ def _rule_binary(op, swap=False):
 
 def _rule_neg(shape, x):
     e = _expr_of(x)
+    if isinstance(e, Bil):
+        return _bil_scale(e, torch.tensor(-1.0, dtype=e.lin.const.dtype, device=e.lin.const.device), shape)
     if isinstance(e, Lin):
         return _lin_scale(e, torch.tensor(-1.0, dtype=e.const.dtype, device=e.const.device), shape)
     raise _Unsupported(f"the negative of the positive latent {describe(e)}")
@@ -474,6 +572,22 @@ def _rule_sum(shape, x, dim=None, keepdim=False, dtype=None):
             s = e.scale.expand(e.shape).select(-1, 0)
             return s.unsqueeze(-1) if keepdim else s
         raise _Unsupported(f"a sum over elements of the positive latent {describe(e)}")
+    if isinstance(e, Bil):
+        lin = _rule_sum(shape, _FakeSym(e.lin), dim, keepdim)
+        pairs = {}
+        for key, (coef, ia, ib) in e.pairs.items():
+            coef = coef.expand(e.shape + coef.shape[-2:])
+            ia, ib = ia.expand(e.shape), ib.expand(e.shape)
+            for d in sorted(dims, reverse=True):
+                for idx in (ia, ib):
+                    first = idx.select(d, 0).unsqueeze(d)
+                    if idx.shape[d] > 1 and not torch.equal(idx, first.expand_as(idx)):
+                        raise _Unsupported(f"a sum of bilinear terms of {key[0]!r} and {key[1]!r} over different plate elements")
+                ia = ia.select(d, 0).unsqueeze(d) if keepdim else ia.select(d, 0)
+                ib = ib.select(d, 0).unsqueeze(d) if keepdim else ib.select(d, 0)
+                coef = coef.sum(d, keepdim=keepdim)
+            pairs[key] = (coef, ia, ib)
+        return Bil(lin, pairs, shape)
     dims = sorted(dims, reverse=True)
     const = e.const.expand(e.shape).sum(dim=dims, keepdim=keepdim)
     terms = {}
@@ -627,7 +741,9 @@ def _promote(x, like: Tensor) -> Lin:
 
 
 def _rule_cat(shape, tensors, dim=0, *, out=None):
-    like = next(t for t in tensors if isinstance(t, torch.Tensor))
+    like = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if like is None:
+        like = next(_expr_of(t).const for t in tensors if isinstance(_expr_of(t), Lin))
     items = [_promote(t, like) for t in tensors]
     nd = len(shape)
     d = _norm_dim(dim, nd)
@@ -639,6 +755,10 @@ def _rule_cat(shape, tensors, dim=0, *, out=None):
     terms = {}
     for s, ne in sites.items():
         coefs, idxs = [], []
+        # pieces without the site get zero coefficients and a neighbour's block index, so that
+        # concatenating a constant column (a bias) keeps rows within one block
+        ref = next(it for it in items if s in it.terms)
+        ref_idx = ref.terms[s][1].expand(ref.shape).narrow(d, 0, 1)
         for it in items:
             if s in it.terms:
                 c, i = it.terms[s]
@@ -646,7 +766,7 @@ def _rule_cat(shape, tensors, dim=0, *, out=None):
                 idxs.append(i.expand(it.shape))
             else:
                 coefs.append(const.new_zeros(it.shape + (ne,)))
-                idxs.append(torch.zeros(it.shape, dtype=torch.long, device=const.device))
+                idxs.append(ref_idx.expand(it.shape))
         terms[s] = (torch.cat(coefs, d), torch.cat(idxs, d))
     return Lin(const, terms, shape)
 
@@ -676,6 +796,8 @@ def _matmul(shape, a, b):
     if isinstance(ea, Poison) or isinstance(eb, Poison):
         return ea if isinstance(ea, Poison) else eb
     if isinstance(ea, Expr) and isinstance(eb, Expr):
+        if isinstance(ea, Lin) and isinstance(eb, Lin) and not (ea.sites() & eb.sites()):
+            return _lin_lin_matmul(shape, ea, eb)
         raise _Unsupported(f"a matrix product of two latents ({describe(ea)} @ {describe(eb)})")
     if isinstance(ea, Pos) or isinstance(eb, Pos):
         raise _Unsupported(f"a matrix product with the positive latent {describe(ea if isinstance(ea, Pos) else eb)}")
@@ -728,6 +850,27 @@ def _matmul(shape, a, b):
             out = _squeeze_expr(out, -2 if not x_vec else -1)
     if out.shape != shape:
         out = _expand(out, shape)
+    return out
+
+
+def _lin_lin_matmul(shape, a: Lin, b: Lin):
+    """a @ b for two affine expressions of disjoint Gaussian latents: a bilinear expression."""
+    a_vec, b_vec = len(a.shape) == 1, len(b.shape) == 1
+    A = _generic_unsqueeze(a, a.shape[:0] + (1,) + a.shape, 0) if a_vec else a
+    B = _generic_unsqueeze(b, b.shape + (1,), -1) if b_vec else b
+    # (..., n, k, 1) * (..., 1, k, m) summed over k
+    A3 = _generic_unsqueeze(A, A.shape + (1,), -1)
+    B3 = _generic_unsqueeze(B, B.shape[:-2] + (1,) + B.shape[-2:], -3)
+    prod_shape = torch.broadcast_shapes(A3.shape, B3.shape)
+    prod = _bil_product(_expand(A3, prod_shape), _expand(B3, prod_shape), prod_shape)
+    out_shape = prod_shape[:-2] + prod_shape[-1:]
+    out = _rule_sum(out_shape, _FakeSym(prod), -2)
+    if b_vec:
+        out = _map_shape(out, out.shape[:-1], lambda t: t.squeeze(-1), lambda t: t.squeeze(-2))
+    if a_vec:
+        nd = len(out.shape)
+        d = nd - (1 if b_vec else 2)
+        out = _map_shape(out, out.shape[:d] + out.shape[d + 1:], lambda t: t.squeeze(d), lambda t: t.squeeze(d))
     return out
 
 
