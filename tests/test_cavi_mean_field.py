@@ -256,6 +256,8 @@ def test_bernoulli_latent_indexing_parameters():
 
     cavi = CAVI(model, seed=0)
     fit(cavi, y, num_steps=200, tol=1e-12)
+    with torch.no_grad():
+        cavi._update("p")  # q(p) given the current responsibilities
     q = cavi.posterior
     assert isinstance(q["b"], dist.Bernoulli) and q["b"].probs.shape == (200,)
     r1 = q["b"].probs
