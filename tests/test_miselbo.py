@@ -259,7 +259,7 @@ def bimodal_model(y):
         pyro.sample("y", dist.Normal(z**2, 1.0), obs=y)
 
 
-def _fit(guide, loss, y, steps=500):
+def _fit(guide, loss, y, steps=300):
     svi = SVI(bimodal_model, guide, pyro.optim.Adam({"lr": 0.05}), loss=loss)
     for _ in range(steps):
         svi.step(y)
@@ -297,10 +297,10 @@ def test_mixture_covers_both_modes_where_one_gaussian_cannot():
 
     from pyro_cavi import to_inference_data
 
-    idata = to_inference_data(mixture, bimodal_model, y, num_samples=200)
+    idata = to_inference_data(mixture, bimodal_model, y, num_samples=120)
     z = idata.posterior["z"].values.ravel()
-    assert z.shape == (200,) and (z > 0).mean() == pytest.approx(0.5, abs=0.12)
-    assert idata.log_likelihood["y"].shape == (1, 200, 4)
+    assert z.shape == (120,) and (z > 0).mean() == pytest.approx(0.5, abs=0.15)
+    assert idata.log_likelihood["y"].shape == (1, 120, 4)
     assert np.isfinite(az.loo(idata).elpd_loo)
 
 
@@ -309,12 +309,12 @@ def test_predictive_draws_from_the_mixture(data, fixed_mixture):
     pyro.set_rng_seed(8)
     # sequential: these plain-function components declare no plates, so Pyro's parallel
     # Predictive cannot align their event dims with the model's plate (AutoNormal ones can, above)
-    draws = Predictive(gaussian_model, guide=guide, num_samples=2000)(data)["z"].reshape(2000, D)
+    draws = Predictive(gaussian_model, guide=guide, num_samples=800)(data)["z"].reshape(800, D)
     atoms = torch.as_tensor(locs + scales * noise, dtype=draws.dtype)  # fixed-noise components are atoms
     distance = (draws[:, None] - atoms).norm(dim=-1)
     assert distance.min(-1).values.max() < 1e-5
-    frequencies = torch.bincount(distance.argmin(-1), minlength=4).float() / 2000
-    assert torch.allclose(frequencies, torch.full((4,), 0.25), atol=0.04)
+    frequencies = torch.bincount(distance.argmin(-1), minlength=4).float() / 800
+    assert torch.allclose(frequencies, torch.full((4,), 0.25), atol=0.05)
 
 
 def test_mis_log_likelihood_is_exact_with_the_exact_posterior(data):
