@@ -1,10 +1,21 @@
-"""Can I trust this fit? Diagnostics of variational posteriors for every engine and any Pyro guide.
+"""Can I trust this fit? Diagnostics of variational posteriors for every engine and any Pyro guide
+(Yao, Vehtari, Simpson & Gelman, "Yes, but did it work? Evaluating variational inference", ICML 2018).
 
-- :func:`psis` -- Pareto k-hat, PSIS-smoothed weights, ESS and importance-corrected moments
-  (Yao, Vehtari, Simpson & Gelman, "Yes, but did it work? Evaluating variational inference", 2018).
+- :func:`psis` -- Pareto k-hat, PSIS-smoothed weights, ESS and importance-corrected moments.
+- :func:`vsbc` -- simulation-based calibration of a variational method, with :func:`plot_vsbc`.
 """
 
 from .psis import PSISResult, khat_reading, psis
 from .ratios import log_importance_ratios
+from .vsbc import VSBCResult, calibration_tests, plot_vsbc, vsbc
 
-__all__ = ["PSISResult", "khat_reading", "log_importance_ratios", "psis"]
+__all__ = [
+    "PSISResult",
+    "VSBCResult",
+    "calibration_tests",
+    "khat_reading",
+    "log_importance_ratios",
+    "plot_vsbc",
+    "psis",
+    "vsbc",
+]
