@@ -112,13 +112,28 @@ class CAVI:
         self._cache: dict = {}  # sufficient statistics (Gram matrices) keyed on coefficients
 
     # ------------------------------------------------------------------ structure
-    def _args_key(self, args, kwargs):
-        return tuple(id(a) for a in args) + tuple((k, id(v)) for k, v in sorted(kwargs.items()))
+    def _same_args(self, args, kwargs) -> bool:
+        """Whether the model is called with the same data as when it was traced (the traced
+        coefficients are functions of the data; a new slice with equal values is the same data)."""
+        if self._key is None:
+            return False
+        old_args, old_kwargs = self._key
+        if len(args) != len(old_args) or set(kwargs) != set(old_kwargs):
+            return False
+        for a, b in list(zip(args, old_args)) + [(kwargs[k], old_kwargs[k]) for k in kwargs]:
+            if a is b:
+                continue
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+                if a.shape != b.shape or a.dtype != b.dtype or a.device != b.device or not torch.equal(a, b):
+                    return False
+            elif type(a) is not type(b) or not (a == b):
+                return False
+        return True
 
     def _prepare(self, args, kwargs) -> None:
-        key = self._args_key(args, kwargs)
-        if key == self._key:
+        if self._same_args(args, kwargs):
             return
+        key = (tuple(args), dict(kwargs))
         self._memo, self._cache = {}, {}
         self.latents, self.observed, self.max_plate_nesting, self.dtype, self.device = prior_structure(
             self.model, args, kwargs

@@ -174,6 +174,8 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
     sweep costs O(N D) instead of O(N D²) (the sufficient statistics XᵀX of a regression).
     """
     e = expr_of(x)
+    shape = e.shape if isinstance(e, Expr) else e.shape
+    weight = _sum_to_shape(weight, shape)
     if isinstance(e, Bil):
         sq = second_moment(x, factors, mu)
         return (weight * sq).expand(torch.broadcast_shapes(weight.shape, sq.shape)).sum()
@@ -186,8 +188,7 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
     for s, coef, idx, f, mm, M in _lin_terms(e, factors, mu):
         cov = M - mm.unsqueeze(-1) * mm.unsqueeze(-2)
         if f.num_blocks != 1:
-            one = Lin(torch.zeros((), dtype=e.const.dtype, device=e.const.device), {s: (coef, idx)}, e.shape)
-            total = total + (weight * variance(one, factors, mu)).sum()
+            total = total + _blocked_quadratic(coef, idx, e.shape, full, weight, cov, cache)
             continue
         w = weight.detach()
         if reps == 1 and (w.numel() == 1 or bool((w == w.reshape(-1)[0]).all())):
@@ -198,6 +199,51 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
             wa = weight.expand(full).reshape(-1, 1) * a
             total = total + ((wa.mT @ a) * cov[0]).sum()
     return total
+
+
+def _sum_to_shape(weight: Tensor, shape: torch.Size) -> Tensor:
+    """Sum a weight over the dimensions along which the expression is constant (broadcast):
+    e.g. responsibilities over enumerated values that a parameter does not depend on."""
+    full = torch.broadcast_shapes(weight.shape, shape)
+    lead = len(full) - len(shape)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and full[lead + i] > 1]
+    dims = [d for d in dims if d >= len(full) - weight.dim() and weight.shape[d - (len(full) - weight.dim())] > 1]
+    if not dims:
+        return weight
+    w = weight.reshape((1,) * (len(full) - weight.dim()) + weight.shape)
+    w = w.sum(dims, keepdim=True)
+    return w.reshape(w.shape[lead:]) if lead else w
+
+
+def _blocked_quadratic(coef, idx, shape, full, weight, cov, cache) -> Tensor:
+    """:math:`\\sum_n w_n a_nᵀ \\Sigma_{b(n)} a_n` for a site with several blocks, as
+    :math:`\\sum_b \\langle \\Sigma_b, A_bᵀ W_b A_b \\rangle` with the rows of each block
+    gathered once (cached) so the work is batched matrix products, not a gather of
+    covariance matrices per datum."""
+    key = ("blocks", id(coef), id(idx), tuple(full))
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None and hit[0] is coef and hit[1] is idx:
+        _, _, perm, rows, counts = hit
+    else:
+        ne = coef.shape[-1]
+        flat_idx = idx.expand(shape).expand(full).reshape(-1)
+        perm = torch.argsort(flat_idx, stable=True)
+        counts = torch.bincount(flat_idx, minlength=cov.shape[0])
+        a = coef.expand(shape + (ne,)).expand(full + (ne,)).reshape(-1, ne)[perm]
+        if bool((counts == counts[0]).all()):
+            rows = a.reshape(cov.shape[0], -1, ne)
+        else:
+            rows = (a, flat_idx[perm])
+        if cache is not None:
+            cache[key] = (coef, idx, perm, rows, counts)
+    w = weight.expand(full).reshape(-1)[perm]
+    if isinstance(rows, tuple):  # blocks of unequal sizes: scatter the weighted outer products
+        a, block = rows
+        gram = torch.zeros_like(cov).index_add_(0, block, (w.unsqueeze(-1) * a).unsqueeze(-1) * a.unsqueeze(-2))
+    else:
+        wa = w.reshape(rows.shape[:-1]).unsqueeze(-1) * rows
+        gram = wa.mT @ rows
+    return (gram * cov).sum()
 
 
 def _gram(coef: Tensor, shape: torch.Size, cache: Optional[dict]) -> Tensor:
