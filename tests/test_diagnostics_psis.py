@@ -187,3 +187,70 @@ def test_bad_arguments():
 
     with pytest.raises(ValueError, match="'nu' is not a sample site of the model"):
         psis(other_guide, normal_normal, y, num_samples=10)
+
+
+def test_mixture_guide_is_weighed_by_its_mixture_density():
+    from pyro_cavi.miselbo import MixtureGuide
+
+    def model(y):
+        z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        pyro.sample("y", dist.Normal(z.sum(-1), 1.0), obs=y)
+
+    locs = torch.tensor([[0.5, 0.0], [-0.3, 0.8]])
+    scales = torch.tensor([[0.6, 0.7], [0.9, 0.5]])
+
+    def component(a):
+        def guide(y):
+            return pyro.sample("z", dist.Normal(locs[a], scales[a]).to_event(1))
+
+        return guide
+
+    mixture = MixtureGuide([component(0), component(1)])
+    y = torch.tensor(1.0)
+    res = psis(mixture, model, y, num_samples=200)
+    z = res.draws["z"]
+    assert z.shape == (200, 2)
+    log_q = torch.logsumexp(dist.Normal(locs, scales).log_prob(z[:, None]).sum(-1), -1) - math.log(2)
+    log_p = dist.Normal(0.0, 1.0).log_prob(z).sum(-1) + dist.Normal(z.sum(-1), 1.0).log_prob(y)
+    assert torch.allclose(res.log_ratios, log_p - log_q, atol=1e-5)
+
+
+def test_hybrid_guide_ratio_integrates_the_local_sites():
+    """NG-HVI draws alpha from p(alpha | theta, y): the ratio is p(theta, y) / q(theta), with the
+    marginal likelihood written in closed form here."""
+    from models.mixed import linear_random_intercept, simulate_linear_random_intercept
+    from pyro_cavi.nghvi import HybridELBO, HybridGuide
+
+    train, _ = simulate_linear_random_intercept(num_groups=10, group_size=5, sigma2_a=1.0, seed=0)
+    X, group, G, y = train["X"], train["group"], train["num_groups"], train["y"]
+    guide = HybridGuide(linear_random_intercept, "alpha", rank=2)
+    HybridELBO(guide.conditional).loss(linear_random_intercept, guide, X, group, G, y)  # creates the parameters
+    res = psis(guide, linear_random_intercept, X, group, G, y, num_samples=20)
+    assert res.draws["alpha"].shape == (20, 10) and res.draws["beta"].shape == (20, X.shape[1])
+    with torch.no_grad():
+        post = guide.global_guide.get_posterior()
+    n = X.shape[0] // G
+    for s in range(3):
+        beta, s2a, s2e = res.draws["beta"][s], res.draws["sigma2_a"][s], res.draws["sigma2_e"][s]
+        u = torch.cat([beta, s2a.log()[None], s2e.log()[None]])
+        log_q = post.log_prob(u).detach() - s2a.log() - s2e.log()  # q(theta) through theta = (beta, exp u)
+        cov = s2e * torch.eye(n) + s2a * torch.ones(n, n)
+        log_p = (
+            dist.MultivariateNormal(torch.zeros(n), cov).log_prob((y - X @ beta).reshape(G, n)).sum()
+            + dist.Normal(0.0, 10.0).log_prob(beta).sum()
+            + dist.InverseGamma(1.01, 1.01).log_prob(s2a)
+            + dist.InverseGamma(1.01, 1.01).log_prob(s2e)
+        )
+        assert float(res.log_ratios[s]) == pytest.approx((log_p - log_q).item(), abs=1e-3)
+
+
+def test_hybrid_guide_without_conditional_density_is_refused():
+    from models.mixed import logistic_random_intercept
+    from pyro_cavi.nghvi import HybridGuide, PolyaGammaGibbs
+
+    X = torch.randn(12, 2)
+    group = torch.arange(12) % 3
+    y = torch.bernoulli(torch.full((12,), 0.5))
+    guide = HybridGuide(logistic_random_intercept, PolyaGammaGibbs("alpha"), rank=1)
+    with pytest.raises(ValueError, match="PolyaGammaGibbs, which has no log_prob"):
+        psis(guide, logistic_random_intercept, X, group, 3, y, num_samples=5)

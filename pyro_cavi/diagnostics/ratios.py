@@ -98,7 +98,7 @@ def _check_densities(guide, guide_tr) -> None:
     if any(_is_auxiliary(site) for _, site in _sample_sites(guide_tr)):
         return
     for name, site in _sample_sites(guide_tr):
-        if _is_delta(site["fn"]):
+        if _is_delta(site["fn"]) and not site["infer"].get("exact_conditional"):
             raise ValueError(
                 f"guide site {name!r} is a Delta with no auxiliary site behind it (a point estimate, or a "
                 f"value drawn outside the trace), so {type(guide).__name__} has no density log q(theta) "
