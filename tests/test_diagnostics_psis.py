@@ -127,8 +127,12 @@ def test_plain_svi_autoguide(guide_class):
     y = data(n=50)
     guide = guide_class(normal_gamma)
     svi = SVI(normal_gamma, guide, pyro.optim.Adam({"lr": 0.05}), Trace_ELBO())
-    for _ in range(250):
+    early = None
+    for step in range(400):
         svi.step(y)
+        if step == 20:
+            early = psis(guide, normal_gamma, y, num_samples=1000)
+    assert early.khat > 0.7  # 20 steps from the prior-ish initialisation: flagged
     res = psis(guide, normal_gamma, y, num_samples=1000)
     assert res.draws["tau"].shape == (1000,) and bool((res.draws["tau"] > 0).all())
     assert np.isfinite(res.khat) and res.khat < 0.7
