@@ -247,6 +247,10 @@ def test_s2a_gradient_reaches_every_component(data):
     s2a.loss(gaussian_model, guide, data)
     grads = _component_grads(guide, s2a.subset_loss(gaussian_model, guide, torch.tensor([2]), data))
     assert all(g > 0 for g in grads)
+    # and one SVI step moves every component (SVI sees all their parameters)
+    before = [c.locs.z.detach().clone() for c in guide.components]
+    SVI(gaussian_model, guide, pyro.optim.Adam({"lr": 0.01}), loss=s2a).step(data)
+    assert all(not torch.equal(c.locs.z.detach(), b) for c, b in zip(guide.components, before))
     # S2S with S = 1 is the ELBO of the sampled component: only that component moves
     s2s = MISELBO(num_components=5, num_sampled=1, estimator="s2s")
     grads = _component_grads(guide, s2s.subset_loss(gaussian_model, guide, torch.tensor([2]), data))

@@ -167,7 +167,8 @@ class MixtureGuide(PyroModule, BaseMixtureGuide):
         for name in guides[0]._event_dims:
             u = samples.values[name + "_unconstrained"]
             u = u.movedim(particle_axis(u, samples.event_dims[name + "_unconstrained"], particle_dim), 0)
-            locs, scales = zip(*(guide._get_loc_and_scale(name) for guide in guides))
+            with self._pyro_context:  # as in PyroModule.__call__: reads become pyro.param statements
+                locs, scales = zip(*(guide._get_loc_and_scale(name) for guide in guides))
             locs, scales = torch.stack(locs), torch.stack(scales)
             shape = (len(guides),) + (1,) * (u.dim() - locs.dim() + 1) + locs.shape[1:]
             log_prob = dist.Normal(locs.reshape(shape), scales.reshape(shape)).log_prob(u.unsqueeze(0))
