@@ -262,7 +262,17 @@ def summary(d, names):
 
 
 # ---- main --------------------------------------------------------------------------------------
+def warm_up(name, seed):
+    """A few steps of every method on a tiny data set, so one-time costs (library loading, first
+    linear-algebra calls) are not charged to the first timed run."""
+    small = {"lmm": simulate_linear_random_intercept, "logistic": simulate_logistic_random_intercept}
+    data = small[name](num_groups=5, seed=seed) if name in small else simulate_deep_mixed(num_groups=5, seed=seed)
+    for method in ("NG-HVI", "SG-HVI", "Pyro SVI"):
+        fit(name, method, _args(data[0]), 5, seed, eval_every=2)
+
+
 def run(name, sigma2_a, steps, groups, seed, num_draws, mcmc_samples, plot):
+    warm_up(name, seed)
     if name == "lmm":
         train, test = simulate_linear_random_intercept(num_groups=groups, sigma2_a=sigma2_a, seed=seed)
     elif name == "logistic":
