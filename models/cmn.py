@@ -48,9 +48,11 @@ def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden
     Xt = _tilde(X)
     with pyro.plate("gate_sticks", K - 1):
         gate = pyro.sample("gate", dist.Normal(torch.zeros(D + 1, dtype=dtype), prior_scale).to_event(1))
-    with pyro.plate("experts", K):
-        A = pyro.sample("A", dist.Normal(torch.zeros(h, D + 1, dtype=dtype), prior_scale).to_event(2))
-        prec = pyro.sample("prec", dist.Gamma(torch.full((h,), precision_shape, dtype=dtype), precision_rate).to_event(1))
+    # rows of each expert's matrix are independent a posteriori (the likelihood has a diagonal
+    # precision), so A is sampled row by row in a plate: one Gaussian factor per (expert, row)
+    with pyro.plate("experts", K, dim=-2), pyro.plate("hidden", h, dim=-1):
+        A = pyro.sample("A", dist.Normal(torch.zeros(D + 1, dtype=dtype), prior_scale).to_event(1))
+        prec = pyro.sample("prec", dist.Gamma(torch.tensor(precision_shape, dtype=dtype), precision_rate))
     with pyro.plate("class_sticks", L - 1):
         out = pyro.sample("out", dist.Normal(torch.zeros(h + 1, dtype=dtype), prior_scale).to_event(1))
     with pyro.plate("data", N):
@@ -102,6 +104,7 @@ def pinwheels(num_per_class: int, num_classes: int = 5, radial_std: float = 0.7,
 
 def main(num_train: int = 200, num_test: int = 1000, num_experts: int = 10, seed: int = 0) -> None:
     torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)  # many small tensor ops: one thread avoids OpenMP oversubscription
     X, y = pinwheels((num_train + num_test) // 5, seed=seed)
     mean, std = X[:num_train].mean(0), X[:num_train].std(0)
     X = (X - mean) / std

@@ -61,6 +61,7 @@ def poisson_rates(counts, exposure):
 
 def main(seed: int = 0) -> None:
     torch.set_default_dtype(torch.float64)
+    torch.set_num_threads(1)  # small tensor ops: one thread avoids OpenMP oversubscription
     pyro.set_rng_seed(seed)
     g = torch.Generator().manual_seed(seed)
 
