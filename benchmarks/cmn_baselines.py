@@ -1,0 +1,175 @@
+r"""Baselines for the conditional mixture network (CMN) benchmarks of issue 4.
+
+Two baselines, both on the architecture of ``models/cmn.py``:
+
+* :class:`MixtureMLE`: maximum likelihood for the *deterministic* mixture of linear experts
+  (no priors, no expert noise),
+
+  .. math:: p(y \mid x) = \sum_{k=1}^K \pi_k(x)\, \mathrm{SB}\big(y \mid B\,[A_k \tilde x, 1]\big),
+            \qquad \pi(x) = \mathrm{SB}(\Gamma \tilde x),
+
+  where SB is the stick-breaking categorical, fitted by full-batch Adam on the mean negative
+  log likelihood; optionally with early stopping on a stratified validation split (the best
+  validation-NLL parameters are kept). The CAVI-CMN paper (Heins et al. 2024, arXiv 2408.16429)
+  uses the same baseline without early stopping.
+
+* :func:`fit_bbvi`: black-box VI (Pyro SVI) on the very model ``models/cmn.py:cmn``, with the
+  gating assignments ``z`` enumerated exactly (``TraceEnum_ELBO``, parallel enumeration by
+  :func:`~pyro.infer.config_enumerate`) and an :class:`~pyro.infer.autoguide.AutoNormal`
+  guide on every other latent (Γ, A, γ, B and the local hidden units ``x1``). It maximises
+
+  .. math:: \mathcal L(\phi) = \mathbb E_{q_\phi(\theta, x_1)}\Big[\log \textstyle\sum_z p(y, x_1, z, \theta \mid X)
+            - \log q_\phi(\theta, x_1)\Big].
+"""
+
+from __future__ import annotations
+
+import functools
+import pathlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+import pyro
+from pyro import poutine
+from pyro.infer import SVI, TraceEnum_ELBO, config_enumerate
+from pyro.infer.autoguide import AutoNormal
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "models"))
+import cmn as cmn_model  # noqa: E402
+
+from pyro_cavi.distributions import StickBreakingCategorical  # noqa: E402
+
+
+def _tilde(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, torch.ones(x.shape[:-1] + (1,), dtype=x.dtype)], -1)
+
+
+class MixtureMLE(nn.Module):
+    """The CMN as a deterministic mixture of linear experts (see the module docstring)."""
+
+    def __init__(self, num_features: int, num_classes: int, num_experts: int = 20, hidden: Optional[int] = None,
+                 init_scale: float = 0.1, seed: int = 0):
+        super().__init__()
+        if num_experts < 2 or num_classes < 2:
+            raise ValueError(f"need num_experts >= 2 and num_classes >= 2, got {num_experts} and {num_classes}")
+        h = hidden or num_classes - 1
+        g = torch.Generator().manual_seed(seed)
+        dtype = torch.get_default_dtype()
+        D1 = num_features + 1
+        self.gate = nn.Parameter(init_scale * torch.randn(num_experts - 1, D1, generator=g, dtype=dtype))
+        self.A = nn.Parameter(init_scale * torch.randn(num_experts, h, D1, generator=g, dtype=dtype))
+        self.out = nn.Parameter(init_scale * torch.randn(num_classes - 1, h + 1, generator=g, dtype=dtype))
+
+    def log_proba(self, X: torch.Tensor) -> torch.Tensor:
+        """``log p(y = l | x)`` for every row of ``X``, shape ``(N, L)``."""
+        if X.dim() != 2 or X.shape[1] + 1 != self.gate.shape[1]:
+            raise ValueError(f"X must have shape (N, {self.gate.shape[1] - 1}), got {tuple(X.shape)}")
+        Xt = _tilde(X)
+        log_w = StickBreakingCategorical(Xt @ self.gate.T).log_probs  # (N, K)
+        x1 = torch.einsum("khd,nd->nkh", self.A, Xt)
+        log_p = StickBreakingCategorical(_tilde(x1) @ self.out.T).log_probs  # (N, K, L)
+        return torch.logsumexp(log_w.unsqueeze(-1) + log_p, -2)
+
+    def nll(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return -self.log_proba(X).gather(-1, y.unsqueeze(-1)).mean()
+
+    @torch.no_grad()
+    def predict_proba(self, X: torch.Tensor) -> torch.Tensor:
+        return self.log_proba(X).exp()
+
+
+def fit_mle(X: torch.Tensor, y: torch.Tensor, num_experts: int = 20, num_classes: Optional[int] = None,
+            num_steps: int = 5000, lr: float = 5e-3, X_val: Optional[torch.Tensor] = None,
+            y_val: Optional[torch.Tensor] = None, eval_every: int = 20, patience: int = 25,
+            seed: int = 0) -> MixtureMLE:
+    """Full-batch Adam on the mean NLL. With a validation set, stop once the validation NLL has not
+    improved for ``patience`` evaluations and return the best-validation parameters."""
+    L = num_classes or int(y.max()) + 1
+    model = MixtureMLE(X.shape[1], L, num_experts, seed=seed)
+    optim = torch.optim.Adam(model.parameters(), lr=lr)
+    best, best_state, bad = float("inf"), None, 0
+    model.steps_run = num_steps
+    for step in range(num_steps):
+        optim.zero_grad()
+        loss = model.nll(X, y)
+        loss.backward()
+        optim.step()
+        if X_val is not None and (step + 1) % eval_every == 0:
+            with torch.no_grad():
+                val = float(model.nll(X_val, y_val))
+            if val < best:
+                best, bad = val, 0
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            else:
+                bad += 1
+                if bad >= patience:
+                    model.steps_run = step + 1
+                    break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return model
+
+
+@dataclass
+class BBVIFit:
+    guide: AutoNormal
+    elbo_trace: List[float] = field(default_factory=list)  # -loss per step (one-particle estimates)
+    time_trace: List[float] = field(default_factory=list)  # wall seconds since the start, per step
+
+    def time_to_final_elbo(self, rel: float = 0.01, window: int = 100) -> float:
+        """Wall seconds until the moving-average ELBO (``window`` steps) first comes within
+        ``rel · |final|`` of its final value (the mean of the last ``window`` steps)."""
+        trace = torch.tensor(self.elbo_trace, dtype=torch.float64)
+        w = min(window, len(trace))
+        smooth = trace.unfold(0, w, 1).mean(-1)
+        final = float(smooth[-1])
+        hit = int((smooth >= final - rel * abs(final)).nonzero()[0])
+        return self.time_trace[hit + w - 1]
+
+
+class _Draws:
+    """Posterior draws of the global sites, dressed as ``cavi.posterior`` for ``cmn.predict_proba``."""
+
+    class _Site:
+        def __init__(self, value: torch.Tensor):
+            self.value = value
+
+        def sample(self, sample_shape=torch.Size()):
+            if tuple(sample_shape) != self.value.shape[:1]:
+                raise ValueError(f"have {self.value.shape[0]} draws, asked for {tuple(sample_shape)}")
+            return self.value
+
+    def __init__(self, draws: Dict[str, torch.Tensor]):
+        self.posterior = {name: self._Site(v) for name, v in draws.items()}
+
+
+def fit_bbvi(X: torch.Tensor, y: torch.Tensor, num_experts: int = 20, num_steps: int = 3000, lr: float = 0.01,
+             seed: int = 0) -> BBVIFit:
+    """Pyro SVI on ``cmn`` with ``z`` enumerated and an AutoNormal guide on the other latents."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    model = config_enumerate(functools.partial(cmn_model.cmn, num_experts=num_experts))
+    guide = AutoNormal(poutine.block(model, hide=["z"]))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), TraceEnum_ELBO(max_plate_nesting=2))
+    fit = BBVIFit(guide)
+    start = time.perf_counter()
+    for _ in range(num_steps):
+        fit.elbo_trace.append(-svi.step(X, y))
+        fit.time_trace.append(time.perf_counter() - start)
+    return fit
+
+
+@torch.no_grad()
+def bbvi_predict_proba(fit: BBVIFit, X_train: torch.Tensor, y_train: torch.Tensor, X_new: torch.Tensor,
+                       num_samples: int = 200) -> torch.Tensor:
+    """Posterior predictive p(y | x_new) under the SVI guide: draws of Γ, A, γ, B from the guide,
+    then the same Monte Carlo over x1 and exact sum over experts as ``cmn.predict_proba``."""
+    sites = ("gate", "A", "prec", "out")
+    draws = [fit.guide(X_train, y_train) for _ in range(num_samples)]
+    stacked = {s: torch.stack([d[s] for d in draws]) for s in sites}
+    return cmn_model.predict_proba(_Draws(stacked), X_new, num_samples=num_samples)

@@ -1,0 +1,337 @@
+r"""CAVI-CMN reproduction (issue 4): conditional mixture networks on pinwheels and six UCI sets.
+
+For each data set and split seed: standardised features, stratified split with the authors'
+train sizes (test = the remaining rows), K = 20 experts (pinwheels: K = 10), and four fits of the
+model in ``models/cmn.py``:
+
+* **CAVI-CMN**: ``pyro_cavi.CAVI`` run until the relative ELBO change drops below ``--tol``
+  (at most ``--max-sweeps`` sweeps); posterior predictive by ``cmn.predict_proba``;
+* **MLE**: the same architecture as a deterministic mixture, full-batch Adam (``cmn_baselines``);
+* **MLE+ES**: the same with early stopping on a stratified 20 % validation split of the train set;
+* **BBVI**: Pyro SVI on ``cmn`` with ``z`` enumerated and an AutoNormal guide (``cmn_baselines``).
+
+NUTS is not run: the CMN's local hidden units ``x1`` make N·h continuous latents besides the
+K·h·(D+1) expert weights, far beyond what NUTS finishes in minutes on 2 shared cores.
+
+Reported per method: test accuracy, mean test log predictive density (nats), ECE (20 bins), wall
+and CPU seconds of the fit; for CAVI also sweeps to convergence and seconds per 200 sweeps; for
+BBVI the wall seconds until its moving-average ELBO is within 1 % of its final value. Raw records go
+to ``benchmarks/out/cmn_runs.jsonl`` (one JSON line per data set, seed and method); ``--report``
+turns them into the markdown tables of ``benchmarks/results/cmn.md``; ``--scaling`` times CAVI
+sweeps (and SVI steps) against input dimension and number of experts and draws a PNG.
+
+Run::
+
+    python benchmarks/cmn_uci.py --quick                      # pinwheels + sonar, one seed, a few minutes
+    python benchmarks/cmn_uci.py --datasets banknote rice --seeds 0 1
+    python benchmarks/cmn_uci.py --report                     # tables from all records so far
+    python benchmarks/cmn_uci.py --scaling
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import pathlib
+import statistics
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import numpy as np
+import torch
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "models"))
+
+import cmn  # noqa: E402
+from cmn_baselines import bbvi_predict_proba, fit_bbvi, fit_mle  # noqa: E402
+from cmn_metrics import accuracy, expected_calibration_error, log_predictive_density  # noqa: E402
+
+from pyro_cavi import CAVI  # noqa: E402
+
+DATA = HERE.parent.parent / "shared" / "data" / "uci"
+RUNS = HERE / "out" / "cmn_runs.jsonl"
+RESULTS = HERE / "results"
+
+# data set -> (train size, number of experts); pinwheels: 200 train / 1000 test as in the anchors
+DATASETS: Dict[str, Tuple[int, int]] = {
+    "pinwheels": (200, 10),
+    "sonar": (128, 20),
+    "breast_cancer": (400, 20),
+    "vehicle": (640, 20),
+    "banknote": (1024, 20),
+    "rice": (2560, 20),
+    "waveform": (3840, 20),
+}
+
+# ../shared/anchors/cavi-cmn-reference.md: the authors' code on this kind of machine
+ANCHOR_CAVI = {  # acc, LPD, ECE, s/model, 1 model s
+    "pinwheels": (0.696, -1.069, 0.092, 1.9, None),
+    "sonar": (0.780, -1.288, 0.169, 8.3, 7.6),
+    "breast_cancer": (0.970, -0.081, 0.031, 4.4, 4.6),
+    "vehicle": (0.793, -0.472, 0.068, 9.8, 7.3),
+    "banknote": (0.991, -0.033, 0.024, 2.5, 1.9),
+    "rice": (0.930, -0.189, 0.023, 10.1, 7.2),
+    "waveform": (0.860, -0.334, 0.024, 46.8, 38.6),
+}
+ANCHOR_MLE = {  # acc, LPD, ECE (their pinwheels MLE used K = 20)
+    "pinwheels": (0.695, -107.7, 0.300),
+    "sonar": (0.855, -1.439, 0.141),
+    "breast_cancer": (0.961, -0.536, 0.039),
+    "vehicle": (0.768, -7.36, 0.226),
+    "banknote": (0.999, -0.010, 0.002),
+    "rice": (0.895, -7.26, 0.087),
+    "waveform": (0.794, -31.7, 0.200),
+}
+METHODS = ("CAVI-CMN", "MLE", "MLE+ES", "BBVI")
+
+
+def load(name: str, seed: int, dtype: torch.dtype):
+    """Standardised, stratified train/test split of one data set."""
+    from sklearn.model_selection import train_test_split
+
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; choose from {sorted(DATASETS)}")
+    num_train, _ = DATASETS[name]
+    if name == "pinwheels":
+        X, y = cmn.pinwheels(240, seed=seed)  # 1,200 points, 200 train / 1,000 test
+        X, y = X.numpy().astype(np.float64), y.numpy()
+    elif name == "breast_cancer":
+        from sklearn.datasets import load_breast_cancer
+
+        X, y = load_breast_cancer(return_X_y=True)
+    else:
+        import pandas as pd
+
+        frame = pd.read_csv(DATA / f"{name}.csv")
+        X, y = frame.drop(columns="label").to_numpy(np.float64), frame["label"].to_numpy()
+    Xtr, Xte, ytr, yte = train_test_split(X, y, train_size=num_train, stratify=y, random_state=seed)
+    mean, std = Xtr.mean(0), Xtr.std(0)
+    std[std == 0] = 1.0
+    as_t = lambda a: torch.as_tensor((a - mean) / std, dtype=dtype)  # noqa: E731
+    return as_t(Xtr), torch.as_tensor(ytr).long(), as_t(Xte), torch.as_tensor(yte).long()
+
+
+def _scores(probs: torch.Tensor, y: torch.Tensor) -> dict:
+    probs = probs.double()
+    probs = probs / probs.sum(-1, keepdim=True)
+    return {"acc": accuracy(probs, y), "lpd": log_predictive_density(probs, y),
+            "ece": expected_calibration_error(probs, y, 20)}
+
+
+class _Clock:
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def run_cavi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
+    engine = CAVI(functools.partial(cmn.cmn, num_experts=K), seed=seed)
+    with _Clock() as clock:
+        result = engine.run(Xtr, ytr, num_steps=args.max_sweeps, tol=args.tol, progress=False)
+    trace = engine.elbo_trace
+    sweeps = len(trace)
+    final = trace[-1]
+    # sweeps to within 1 % of the final ELBO (time scaled by sweeps: every sweep costs about the same)
+    near = next(i for i, e in enumerate(trace) if e >= final - 0.01 * abs(final)) + 1
+    rec = _scores(cmn.predict_proba(engine, Xte, num_samples=args.num_samples), yte)
+    rec.update(wall=clock.wall, cpu=clock.cpu, sweeps=sweeps, converged=bool(result.converged), elbo=final,
+               wall_per_200=clock.wall / sweeps * 200, cpu_per_200=clock.cpu / sweeps * 200,
+               wall_to_1pct=clock.wall * near / sweeps)
+    return rec
+
+
+def run_mle(Xtr, ytr, Xte, yte, K, seed, args, early_stopping: bool) -> dict:
+    from sklearn.model_selection import train_test_split
+
+    with _Clock() as clock:
+        if early_stopping:
+            idx = np.arange(len(ytr))
+            fit_idx, val_idx = train_test_split(idx, test_size=0.2, stratify=ytr.numpy(), random_state=seed)
+            model = fit_mle(Xtr[fit_idx], ytr[fit_idx], K, num_classes=int(ytr.max()) + 1, num_steps=args.mle_steps,
+                            X_val=Xtr[val_idx], y_val=ytr[val_idx], seed=seed)
+        else:
+            model = fit_mle(Xtr, ytr, K, num_steps=args.mle_steps, seed=seed)
+    rec = _scores(model.predict_proba(Xte), yte)
+    rec.update(wall=clock.wall, cpu=clock.cpu, steps=model.steps_run)
+    return rec
+
+
+def run_bbvi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
+    with _Clock() as clock:
+        fit = fit_bbvi(Xtr, ytr, K, num_steps=args.bbvi_steps, lr=args.bbvi_lr, seed=seed)
+    rec = _scores(bbvi_predict_proba(fit, Xtr, ytr, Xte, num_samples=args.num_samples), yte)
+    rec.update(wall=clock.wall, cpu=clock.cpu, steps=args.bbvi_steps, elbo=float(np.mean(fit.elbo_trace[-100:])),
+               wall_to_1pct=fit.time_to_final_elbo(0.01))
+    return rec
+
+
+def benchmark(args) -> None:
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    RUNS.parent.mkdir(exist_ok=True)
+    for name in args.datasets:
+        K = DATASETS[name][1]
+        for seed in args.seeds:
+            Xtr, ytr, Xte, yte = load(name, seed, dtype)
+            for method in args.methods:
+                if method == "CAVI-CMN":
+                    rec = run_cavi(Xtr, ytr, Xte, yte, K, seed, args)
+                elif method == "BBVI":
+                    rec = run_bbvi(Xtr, ytr, Xte, yte, K, seed, args)
+                else:
+                    rec = run_mle(Xtr, ytr, Xte, yte, K, seed, args, early_stopping=method == "MLE+ES")
+                rec.update(dataset=name, seed=seed, method=method, K=K, dtype=args.dtype,
+                           n_train=len(ytr), n_test=len(yte), max_sweeps=args.max_sweeps, tol=args.tol)
+                print(json.dumps(rec), flush=True)
+                with open(RUNS, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
+
+
+def _mean(recs: List[dict], key: str) -> float:
+    return statistics.fmean(r[key] for r in recs)
+
+
+def report(path: pathlib.Path = RUNS) -> str:
+    """Markdown tables (means over split seeds) from the JSON records; the latest record wins for a
+    repeated (data set, seed, method)."""
+    latest: Dict[tuple, dict] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        latest[(r["dataset"], r["seed"], r["method"])] = r
+    out = []
+    out.append("| data (K) | method | seeds | acc | LPD | ECE | wall s | CPU s | authors' acc | authors' LPD | authors' ECE |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    summary = {}
+    for name in DATASETS:
+        for method in METHODS:
+            recs = [r for (d, s, m), r in sorted(latest.items()) if d == name and m == method]
+            if not recs:
+                continue
+            ref = {"CAVI-CMN": ANCHOR_CAVI, "MLE": ANCHOR_MLE}.get(method, {}).get(name)
+            refs = f"{ref[0]:.3f} | {ref[1]:.3f} | {ref[2]:.3f}" if ref else "– | – | –"
+            seeds = ",".join(str(r["seed"]) for r in recs)
+            row = {k: _mean(recs, k) for k in ("acc", "lpd", "ece", "wall", "cpu")}
+            summary[(name, method)] = (row, recs)
+            out.append(f"| {name} ({recs[0]['K']}) | {method} | {seeds} | {row['acc']:.3f} | {row['lpd']:.3f} | "
+                       f"{row['ece']:.3f} | {row['wall']:.1f} | {row['cpu']:.1f} | {refs} |")
+    out.append("")
+    out.append("CAVI sweeps and time (means over seeds; authors' s/model = 200 sweeps / restarts batched, "
+               "1 model = 200 sweeps of one restart):")
+    out.append("")
+    out.append("| data | sweeps (converged / seeds) | wall s / 200 sweeps | CPU s / 200 sweeps | authors' s/model | "
+               "authors' 1 model s | CAVI wall to converge | CAVI wall to 1 % of final ELBO | BBVI wall to 1 % of final ELBO | "
+               "BBVI / CAVI (converge) | LPD CAVI − BBVI |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name in DATASETS:
+        if (name, "CAVI-CMN") not in summary:
+            continue
+        _, recs = summary[(name, "CAVI-CMN")]
+        a = ANCHOR_CAVI[name]
+        conv = sum(r["converged"] for r in recs)
+        cells = [f"{_mean(recs, 'sweeps'):.0f} ({conv}/{len(recs)})", f"{_mean(recs, 'wall_per_200'):.1f}",
+                 f"{_mean(recs, 'cpu_per_200'):.1f}", f"{a[3]}", f"{a[4] if a[4] else '–'}",
+                 f"{_mean(recs, 'wall'):.1f}", f"{_mean(recs, 'wall_to_1pct'):.1f}"]
+        if (name, "BBVI") in summary:
+            _, brecs = summary[(name, "BBVI")]
+            seeds = {r["seed"] for r in brecs} & {r["seed"] for r in recs}
+            c = [r for r in recs if r["seed"] in seeds]
+            b = [r for r in brecs if r["seed"] in seeds]
+            cells += [f"{_mean(b, 'wall_to_1pct'):.1f}", f"{_mean(b, 'wall_to_1pct') / _mean(c, 'wall'):.1f}×",
+                      f"{_mean(c, 'lpd') - _mean(b, 'lpd'):+.3f}"]
+        else:
+            cells += ["–", "–", "–"]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def scaling(args) -> None:
+    """Seconds per CAVI sweep (and per SVI step) against input dimension D and number of experts K."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(getattr(torch, args.dtype))
+    N, L = 1000, 3
+    g = torch.Generator().manual_seed(0)
+
+    def per_sweep(D, K):
+        X = torch.randn(N, D, generator=g)
+        y = (X[:, : min(D, 2)].sum(-1) > 0).long() + (X[:, 0] > 1).long()
+        engine = CAVI(functools.partial(cmn.cmn, num_experts=K, num_classes=L), seed=0)
+        engine.run(X, y, num_steps=2, tol=0.0, progress=False)  # tracing and first sweeps off the clock
+        start = time.process_time()
+        engine.run(X, y, num_steps=args.scaling_sweeps, tol=0.0, progress=False)
+        cavi = (time.process_time() - start) / args.scaling_sweeps
+        fit_bbvi(X, y, K, num_steps=2)
+        start = time.process_time()
+        fit_bbvi(X, y, K, num_steps=20)
+        svi = (time.process_time() - start) / 20
+        print(f"D={D} K={K}: CAVI {cavi:.3f} CPU s/sweep, SVI {svi:.4f} CPU s/step", flush=True)
+        return cavi, svi
+
+    dims, experts = [2, 8, 32, 64], [5, 10, 20, 40]
+    by_d = [per_sweep(D, 20) for D in dims]
+    by_k = [per_sweep(16, K) for K in experts]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    for ax, xs, ys, label in ((axes[0], dims, by_d, "input dimension D (K = 20)"),
+                              (axes[1], experts, by_k, "number of experts K (D = 16)")):
+        ax.plot(xs, [200 * c for c, _ in ys], "o-", label="CAVI: 200 sweeps")
+        ax.plot(xs, [200 * s for _, s in ys], "s--", label="SVI: 200 steps")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("CPU seconds")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"CMN cost, N = {N}, L = {L}, {args.dtype}, 1 thread", fontsize=10)
+    fig.tight_layout()
+    RESULTS.mkdir(exist_ok=True)
+    fig.savefig(RESULTS / "cmn_scaling.png", dpi=90)
+    with open(HERE / "out" / "cmn_scaling.json", "w") as f:
+        json.dump({"dims": dims, "by_d": by_d, "experts": experts, "by_k": by_k}, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["pinwheels", "sonar", "breast_cancer"], choices=list(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--max-sweeps", type=int, default=500)
+    parser.add_argument("--tol", type=float, default=1e-5, help="relative ELBO change at which CAVI stops")
+    parser.add_argument("--mle-steps", type=int, default=5000)
+    parser.add_argument("--bbvi-steps", type=int, default=3000)
+    parser.add_argument("--bbvi-lr", type=float, default=0.02)
+    parser.add_argument("--num-samples", type=int, default=200, help="posterior draws for predictive probabilities")
+    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--quick", action="store_true", help="pinwheels and sonar, seed 0, fewer steps")
+    parser.add_argument("--report", action="store_true", help="print the tables from benchmarks/out/cmn_runs.jsonl")
+    parser.add_argument("--scaling", action="store_true", help="time CAVI sweeps against D and K, write the PNG")
+    parser.add_argument("--scaling-sweeps", type=int, default=5)
+    args = parser.parse_args()
+    if args.report:
+        print(report())
+        return
+    if args.scaling:
+        scaling(args)
+        return
+    if args.quick:
+        args.datasets, args.seeds = ["pinwheels", "sonar"], [0]
+        args.max_sweeps, args.mle_steps, args.bbvi_steps = 200, 2000, 1000
+    benchmark(args)
+    print()
+    print(report())
+
+
+if __name__ == "__main__":
+    main()
