@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -41,6 +41,7 @@ from .errors import NonConjugateError, _Densify
 from .expectations import latent_sites
 from .factors import (
     PolyaGammaFactor,
+    ReshapedMultivariateNormal,
     BetaFactor,
     CategoricalFactor,
     DirichletFactor,
@@ -51,7 +52,7 @@ from .factors import (
 )
 from ..distributions.stick_breaking import StickBreakingCategorical
 from .rules import expected_log_prob, has_latent_logits, pg_name, unwrap
-from .symbolic import Sym, identity_lin, identity_pos, memoize
+from .symbolic import Lin, Sym, identity_lin, identity_pos, memoize
 from .tracing import LatentSite, Term, prior_structure, symbolic_trace
 
 Tensor = torch.Tensor
@@ -84,6 +85,10 @@ class CAVI:
         ``None`` uses Pyro's global RNG, so results follow ``pyro.set_rng_seed``.
     :param num_restarts: :meth:`run` fits from this many initialisations and keeps the
         one with the best ELBO.
+    :param joint: groups of Gaussian latent sites to fit with one joint Gaussian factor
+        (structured mean-field), e.g. ``joint=[("intercept", "slope", "u")]``: exact for
+        jointly Gaussian posteriors and far fewer sweeps when the sites are correlated
+        a posteriori.
 
     Example::
 
@@ -94,9 +99,19 @@ class CAVI:
         Predictive(model, guide=cavi.guide, num_samples=1000)(X)
     """
 
-    def __init__(self, model, *, seed: Optional[int] = None, num_restarts: int = 1):
+    def __init__(self, model, *, seed: Optional[int] = None, num_restarts: int = 1,
+                 joint: Sequence[Sequence[str]] = ()):
         if num_restarts < 1:
             raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
+        self.joint = [tuple(g) for g in joint]
+        seen = set()
+        for group in self.joint:
+            if len(group) < 2 or len(set(group)) != len(group):
+                raise ValueError(f"joint: each group needs two or more distinct site names, got {group}")
+            if seen & set(group):
+                raise ValueError(f"joint: site {sorted(seen & set(group))[0]!r} is in two groups")
+            seen |= set(group)
+        self._group_of = {name: "+".join(g) for g in self.joint for name in g}
         self.model = model
         self.seed = seed
         self.num_restarts = num_restarts
@@ -140,8 +155,9 @@ class CAVI:
         )
         if not self.latents:
             raise ValueError("the model has no latent sites: there is nothing to infer")
+        self._check_groups()
         old = self.factors if self._key is not None else {}
-        self.factors = {name: self._make_factor(site, old.get(name)) for name, site in self.latents.items()}
+        self._build_factors(old)
         while True:
             try:
                 self.terms = symbolic_trace(self.model, args, kwargs, self._stand_ins())
@@ -157,6 +173,38 @@ class CAVI:
         if not old:
             self._initialised = False
 
+    def _check_groups(self) -> None:
+        for name, group in self._group_of.items():
+            site = self.latents.get(name)
+            if site is None:
+                raise ValueError(f"joint: {name!r} is not a latent site of the model (sites: {sorted(self.latents)})")
+            if site.family != "Gaussian":
+                raise ValueError(f"joint: site {name!r} has a {site.family} factor; only Gaussian sites can be joined")
+
+    def _group_layout(self, group: str):
+        """(member name, offset, size) of each site of a joint Gaussian group."""
+        out, offset = [], 0
+        for g in self.joint:
+            if "+".join(g) == group:
+                for name in g:
+                    k = self.latents[name].shape.numel()
+                    out.append((name, offset, k))
+                    offset += k
+        return out
+
+    def _build_factors(self, old: Dict[str, ExpFamilyFactor]) -> None:
+        self.factors = {}
+        for name, site in self.latents.items():
+            group = self._group_of.get(name)
+            if group is None:
+                self.factors[name] = self._make_factor(site, old.get(name))
+            elif group not in self.factors:
+                size = sum(k for _, _, k in self._group_layout(group))
+                prev = old.get(group)
+                self.factors[group] = prev if prev is not None and prev.shape == (size,) else GaussianFactor(
+                    group, torch.Size([size]), 1, self.dtype, self.device
+                )
+
     def _make_factor(self, site: LatentSite, old: Optional[ExpFamilyFactor]) -> ExpFamilyFactor:
         if old is not None and old.shape == site.shape and getattr(old, "dense", False) == (site.name in self._dense):
             return old
@@ -170,6 +218,16 @@ class CAVI:
     def _stand_ins(self) -> Dict[str, Tensor]:
         values = {}
         for name, site in self.latents.items():
+            group = self._group_of.get(name)
+            if group is not None:
+                f = self.factors[group]
+                _, offset, k = next(m for m in self._group_layout(group) if m[0] == name)
+                n = f.block_size
+                coef = torch.eye(n, dtype=self.dtype, device=self.device)[offset:offset + k].reshape(site.shape + (n,))
+                idx = torch.zeros((), dtype=torch.long, device=self.device)
+                expr = Lin(torch.zeros((), dtype=self.dtype, device=self.device), {group: (coef, idx)}, site.shape)
+                values[name] = Sym(f.loc[0, offset:offset + k].reshape(site.shape).detach().clone(), expr)
+                continue
             f = self.factors[name]
             if site.family == "Gaussian":
                 expr = identity_lin(name, site.shape, site.event_dim, name in self._dense, self.dtype, self.device)
@@ -279,8 +337,9 @@ class CAVI:
         for name, f in self.factors.items():
             if f.auxiliary:
                 self._update(name)
-        for name in self.latents:
-            self._update(name)
+        for name, f in self.factors.items():
+            if not f.auxiliary:
+                self._update(name)
 
     def _initialise(self) -> None:
         """Draw Gaussian means at random, then seed discrete sites from randomly chosen data points (Forgy seeding): each
@@ -311,15 +370,15 @@ class CAVI:
         for name, f in self.factors.items():
             if f.auxiliary:
                 self._update(name)
-        for name in self.latents:
-            if name not in discrete:
+        for name, f in self.factors.items():
+            if not f.auxiliary and name not in discrete:
                 self._update(name)
         for name in discrete:
             self._update(name)
         self._initialised = True
 
     def _reset(self) -> None:
-        self.factors = {name: self._make_factor(site, None) for name, site in self.latents.items()}
+        self._build_factors({})
         self._augment()
         self._initialised = False
         self.elbo_trace = []
@@ -396,7 +455,22 @@ class CAVI:
     @property
     def posterior(self) -> Dict[str, torch.distributions.Distribution]:
         """Latent site name -> the fitted factor as a torch distribution with the site's shape."""
-        return {name: self.factors[name].distribution() for name in self.latents}
+        return {name: self._marginal(name) for name in self.latents}
+
+    def _marginal(self, name: str) -> torch.distributions.Distribution:
+        group = self._group_of.get(name)
+        if group is None:
+            return self.factors[name].distribution()
+        f, site = self.factors[group], self.latents[name]
+        _, offset, k = next(m for m in self._group_layout(group) if m[0] == name)
+        loc = f.loc[0, offset:offset + k]
+        cov = f.covariance[0, offset:offset + k, offset:offset + k]
+        if site.shape == torch.Size():
+            return dist.Normal(loc[0], cov[0, 0].sqrt())
+        tril = torch.linalg.cholesky(cov)
+        if site.event_dim == 1 and len(site.shape) == 1:
+            return dist.MultivariateNormal(loc, scale_tril=tril)
+        return ReshapedMultivariateNormal(loc, tril, site.shape)
 
     def guide(self, *args, **kwargs) -> Dict[str, Tensor]:
         """A Pyro guide drawing every latent site from its fitted factor (for ``Predictive``)."""
@@ -404,11 +478,31 @@ class CAVI:
             raise RuntimeError("CAVI.guide: call step() or run() before using the guide")
         # each site keeps its batch (plate) dimensions, so the guide also runs inside a
         # vectorising plate of draws (``Predictive(..., parallel=True)``)
-        return {name: pyro.sample(name, self.factors[name].distribution()) for name in self.latents}
+        out, joint_draws = {}, {}
+        for name in self.latents:
+            group = self._group_of.get(name)
+            if group is None:
+                out[name] = pyro.sample(name, self.factors[name].distribution())
+                continue
+            if group not in joint_draws:
+                f = self.factors[group]
+                q = dist.MultivariateNormal(f.loc[0], scale_tril=f.scale_tril[0])
+                joint_draws[group] = pyro.sample(f"_joint_{group}", q, infer={"is_auxiliary": True})
+            _, offset, k = next(m for m in self._group_layout(group) if m[0] == name)
+            v = joint_draws[group][..., offset:offset + k]
+            site_shape = self.latents[name].shape
+            out[name] = pyro.sample(name, dist.Delta(v.reshape(v.shape[:-1] + site_shape), event_dim=len(site_shape)))
+        return out
 
     def summary(self) -> str:
         lines = [f"CAVI over {len(self.factors)} factor(s)" + (f", ELBO {self.elbo_trace[-1]:.6f}" if self.elbo_trace else "")]
         for name in self.latents:
+            if name in self._group_of:
+                group = self._group_of[name]
+                members = {m for m, g in self._group_of.items() if g == group}
+                rules = sorted({t.uses[group] for t in self.terms if group in t.uses and t.name not in members})
+                lines.append(f"  {name}: part of the joint Gaussian factor {group!r}; conjugate through {', '.join(rules)}")
+                continue
             f, site = self.factors[name], self.latents[name]
             rules = [t.uses[name] for t in self.terms if name in t.uses and t.name != name]
             if site.family == "Categorical":
