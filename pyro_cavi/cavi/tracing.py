@@ -136,7 +136,15 @@ def prior_structure(model, args, kwargs):
     nesting = 0
     dtype, device = None, None
     for name, site in tr.nodes.items():
-        if site["type"] != "sample" or site_is_subsample(site):
+        if site_is_subsample(site):
+            plate_size = site["fn"].size
+            if site["value"].shape[0] != plate_size:
+                raise NotImplementedError(
+                    f"plate {name!r} subsamples {site['value'].shape[0]} of {plate_size} elements: CAVI fits "
+                    "full-batch only for now (stochastic CAVI is planned); remove subsample_size to fit on all data"
+                )
+            continue
+        if site["type"] != "sample":
             continue
         fn = site["fn"]
         for frame in site["cond_indep_stack"]:
