@@ -282,3 +282,39 @@ def test_forward_kl_amortised_posterior():
         q = engine.posterior(x)["theta"]
     log_p = dist.Normal(0.0, 2.0).log_prob(theta) + dist.Normal(theta[:, None], 1.0).log_prob(x).sum(-1)
     assert torch.allclose(res.log_ratios, log_p - q.log_prob(theta), atol=1e-4)
+
+
+def mixture(y):
+    w = pyro.sample("w", dist.Dirichlet(torch.ones(2, dtype=y.dtype)))
+    with pyro.plate("components", 2):
+        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
+    with pyro.plate("data", len(y)):
+        z = pyro.sample("z", dist.Categorical(w))
+        pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
+
+
+def test_discrete_local_sites_sampled_or_enumerated():
+    g = torch.Generator().manual_seed(3)
+    y = torch.cat([torch.randn(15, generator=g) - 2, torch.randn(15, generator=g) + 2]).double()
+    cavi = CAVI(mixture, seed=0)
+    cavi.run(y, progress=False)
+    q = cavi.posterior
+    one = torch.tensor(1.0, dtype=torch.float64)
+
+    joint = psis(cavi, mixture, y, num_samples=200)
+    w, loc, z = joint.draws["w"], joint.draws["loc"], joint.draws["z"]
+    assert z.shape == (200, 30)
+    log_prior = dist.Dirichlet(torch.ones(2, dtype=y.dtype)).log_prob(w) + dist.Normal(0 * one, 10 * one).log_prob(loc).sum(-1)
+    log_p = log_prior + (w.gather(-1, z).log() + dist.Normal(loc.gather(-1, z), one).log_prob(y)).sum(-1)
+    log_q = q["w"].log_prob(w) + q["loc"].log_prob(loc).sum(-1) + q["z"].log_prob(z).sum(-1)
+    assert torch.allclose(joint.log_ratios, log_p - log_q, rtol=1e-10)
+
+    marginal = psis(cavi, mixture, y, num_samples=40, discrete="enumerate")
+    assert set(marginal.draws) == {"w", "loc"}
+    w, loc = marginal.draws["w"], marginal.draws["loc"]
+    log_prior = dist.Dirichlet(torch.ones(2, dtype=y.dtype)).log_prob(w) + dist.Normal(0 * one, 10 * one).log_prob(loc).sum(-1)
+    log_lik = torch.logsumexp(w.log()[:, None, :] + dist.Normal(loc[:, None, :], one).log_prob(y[:, None]), -1).sum(-1)
+    log_q = q["w"].log_prob(w) + q["loc"].log_prob(loc).sum(-1)
+    assert torch.allclose(marginal.log_ratios, log_prior + log_lik - log_q, rtol=1e-10)
+    with pytest.raises(ValueError, match="discrete must be"):
+        psis(cavi, mixture, y, num_samples=10, discrete="sum")

@@ -160,7 +160,9 @@ def weighted_moments(draws: Dict[str, Tensor], log_weights: Tensor):
     return mean, sd
 
 
-def psis(fit_or_guide: Any, model: Callable, *args, num_samples: int = 1000, **kwargs) -> PSISResult:
+def psis(
+    fit_or_guide: Any, model: Callable, *args, num_samples: int = 1000, discrete: str = "sample", **kwargs
+) -> PSISResult:
     r"""PSIS diagnostic of a variational fit (Yao et al. 2018): Pareto :math:`\hat k`, smoothed
     weights, effective sample size and importance-corrected posterior means and sds.
 
@@ -169,7 +171,12 @@ def psis(fit_or_guide: Any, model: Callable, *args, num_samples: int = 1000, **k
     :class:`~pyro.infer.SVI`. The ratio is over the latent sites the guide draws:
 
     * CAVI's discrete local sites (Categorical factors) are drawn from :math:`q(z)`, so the
-      ratio :math:`p(\theta, z, y) / q(\theta) q(z)` diagnoses the joint mean-field fit;
+      ratio :math:`p(\theta, z, y) / q(\theta) q(z)` diagnoses the joint mean-field fit
+      (``discrete="sample"``, the default); with ``discrete="enumerate"`` they are summed out
+      instead, :math:`\sum_z p(\theta, z, y) / q(\theta)`, which diagnoses :math:`q(\theta)`
+      alone (exact enumeration, one draw at a time: slower; needs a model that runs under
+      :class:`~pyro.infer.TraceEnum_ELBO` and a guide whose continuous sites do not depend on
+      its discrete draws, as in CAVI's mean-field guide);
     * a site drawn from an exact conditional :math:`p(z \mid \theta, y)` (NG-HVI's
       :class:`~pyro_cavi.nghvi.HybridGuide`) enters as
       :math:`p(\theta, z, y) / q(\theta) p(z \mid \theta, y) = p(\theta, y) / q(\theta)`,
@@ -182,9 +189,11 @@ def psis(fit_or_guide: Any, model: Callable, *args, num_samples: int = 1000, **k
     :param fit_or_guide: a fitted engine with a ``.guide``, or a guide callable.
     :param model: the model, called with ``*args, **kwargs`` (with the data).
     :param num_samples: number of draws :math:`S` from :math:`q` (``>= 2``).
+    :param discrete: ``"sample"`` (discrete latent sites drawn by the guide are part of
+        :math:`\theta`) or ``"enumerate"`` (they are summed out of the model).
     """
     guide, log_q_fn = guide_and_log_density(fit_or_guide, model, args, kwargs)
-    draws, log_p, log_q = log_importance_ratios(guide, model, args, kwargs, num_samples, log_q_fn)
+    draws, log_p, log_q = log_importance_ratios(guide, model, args, kwargs, num_samples, log_q_fn, discrete)
     log_ratios = log_p - log_q
     log_weights, khat = smooth(log_ratios)
     ess = float(1.0 / log_weights.mul(2).exp().sum())

@@ -31,6 +31,8 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.poutine.util import prune_subsample_sites
 
+from .marginal import marginal_log_joint
+
 Tensor = torch.Tensor
 
 DRAW_PLATE = "_psis_draws"
@@ -122,6 +124,7 @@ def log_importance_ratios(
     kwargs: dict,
     num_samples: int,
     log_q_fn: Optional[Callable] = None,
+    discrete: str = "sample",
 ) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
     r"""Draws ``num_samples`` latent values from ``guide`` and returns ``(values, log_p, log_q)``.
 
@@ -129,14 +132,25 @@ def log_importance_ratios(
     :math:`\log p(\theta_s, y)` and ``log_q[s]`` is :math:`\log q(\theta_s)`, both summed over
     the sites described in the module docstring. ``log_q_fn(values)``, when given,
     replaces the guide trace's own density (for guides that record ``Delta`` sites).
+
+    ``discrete="enumerate"`` leaves the guide's discrete sites out of :math:`\theta`: ``log_q``
+    is the density of the continuous sites alone (the marginal when, as in CAVI's mean-field
+    guide, they do not depend on the discrete draws) and ``log_p`` is
+    :math:`\log \sum_z p(\theta, z, y)` by enumeration (:mod:`.marginal`), one draw at a time.
     """
     if not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    if discrete not in ("sample", "enumerate"):
+        raise ValueError(f"discrete must be 'sample' or 'enumerate', got {discrete!r}")
     with torch.no_grad():
         guide_proto, model_proto = _prototype(guide, model, args, kwargs)
         shapes = _check_sites(guide_proto, model_proto)
         if log_q_fn is None:
             _check_densities(guide, guide_proto)
+        summed = set()
+        if discrete == "enumerate":
+            summed = {n for n in shapes if guide_proto.nodes[n]["fn"].support.is_discrete}
+            shapes = {n: shape for n, shape in shapes.items() if n not in summed}
         guide_names = [n for n, s in _sample_sites(guide_proto) if n in shapes or _is_auxiliary(s)]
         nesting = _plate_nesting(model_proto)
         draw_dim = -nesting - 1
@@ -154,11 +168,17 @@ def log_importance_ratios(
             return sum(_per_draw(lp, dim, n) if dim is not None else lp.sum().expand(n) for lp in lps)
 
         model_names = [n for n, s in _sample_sites(model_proto) if s["is_observed"] or n in shapes]
-        if rows is None:
+        if summed:
+            log_p = torch.stack(
+                [marginal_log_joint(model, {n: v[s] for n, v in values.items()}, args, kwargs, nesting) for s in range(num_samples)]
+            )
+        elif rows is None:
             log_p = total(model_tr, model_names, draw_dim, num_samples)
-            log_q = None if log_q_fn is not None else total(guide_tr, guide_names, draw_dim, num_samples)
         else:
             log_p = torch.stack([total(m, model_names, None, 1)[0] for _, m in rows])
+        if rows is None:
+            log_q = None if log_q_fn is not None else total(guide_tr, guide_names, draw_dim, num_samples)
+        else:
             log_q = None if log_q_fn is not None else torch.stack([total(g, guide_names, None, 1)[0] for g, _ in rows])
         if log_q_fn is not None:
             log_q = log_q_fn(values)
