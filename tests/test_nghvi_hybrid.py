@@ -111,7 +111,8 @@ def _fit_nghvi(args, num_steps, average_last, optim=None, seed=0):
     svi = SVI(linear_random_intercept, guide, optim or NGHVIOptim(), HybridELBO(guide.conditional))
     locs, losses = [], []
     for step in range(num_steps):
-        losses.append(svi.step(*args))
+        with pyro.validation_enabled(False):
+            losses.append(svi.step(*args))
         if step >= num_steps - average_last:
             locs.append(guide.global_guide.loc.detach().clone())
     return guide, torch.stack(locs).mean(0), losses
@@ -134,7 +135,7 @@ def _check_beta_against_gibbs(num_groups, num_steps, gibbs_samples, tol_sd):
 
 
 def test_nghvi_beta_matches_gibbs_small():
-    _check_beta_against_gibbs(num_groups=60, num_steps=1200, gibbs_samples=4000, tol_sd=0.15)
+    _check_beta_against_gibbs(num_groups=60, num_steps=1200, gibbs_samples=3000, tol_sd=0.15)
 
 
 @pytest.mark.slow
@@ -144,7 +145,7 @@ def test_nghvi_beta_matches_gibbs_example1():
 
 def test_hybrid_guide_predictive_draws_locals_from_conditional():
     train, args = _data(num_groups=40, sigma2_a=10.0)
-    guide, _, _ = _fit_nghvi(args, num_steps=400, average_last=1)
+    guide, _, _ = _fit_nghvi(args, num_steps=150, average_last=1)
     samples = Predictive(linear_random_intercept, guide=guide, num_samples=50, return_sites=["alpha", "beta", "sigma2_a"])(
         *args
     )
@@ -158,7 +159,7 @@ def test_to_inference_data_exports_theta_locals_and_pointwise_log_likelihood():
     from pyro_cavi import to_inference_data
 
     train, args = _data(num_groups=30, sigma2_a=10.0)
-    guide, _, _ = _fit_nghvi(args, num_steps=300, average_last=1)
+    guide, _, _ = _fit_nghvi(args, num_steps=150, average_last=1)
     idata = to_inference_data(guide, linear_random_intercept, *args, num_samples=40)
     post = idata.posterior
     assert post["alpha"].shape == (1, 40, 30) and post["sigma2_e"].shape == (1, 40)
@@ -193,8 +194,9 @@ def test_logistic_random_intercept_runs_with_polya_gamma():
     svi = SVI(logistic_random_intercept, guide, NGHVIOptim(), HybridELBO(guide.conditional))
     with pytest.warns(UserWarning, match="no log_prob"):
         svi.step(*args)
-    for _ in range(600):
-        svi.step(*args)
+    with pyro.validation_enabled(False):
+        for _ in range(300):
+            svi.step(*args)
     beta = guide.global_guide.loc.detach()[:6]
     # 250 Bernoulli rows: the slopes' signs are identified
     assert (torch.sign(beta[1:5]) == torch.sign(torch.tensor([-1.3250, 0.9909, 1.6823, -1.7564]))).all()

@@ -44,14 +44,16 @@ class HybridELBO(ELBO):
     the marginal ELBO with :math:`z` integrated out.  Its reparameterisation gradient needs
     :math:`\nabla_\theta \log p(y,\theta) = \mathbb E_{p(z\mid\theta,y)}[\nabla_\theta \log p(y,z,\theta)]`
     (Fisher's identity), estimated with one draw :math:`z \sim p(z \mid \theta, y)` per particle
-    held fixed while differentiating, so its cost does not grow with the number of local latents
-    in the guide.
+    held fixed while differentiating.  The guide, and so the natural gradient of
+    :class:`~pyro_cavi.nghvi.NGHVIOptim`, involve only :math:`\theta`, whose dimension does not
+    grow with the number of groups.
 
     The local sites are drawn by ``conditional`` (see :mod:`pyro_cavi.nghvi.conditionals`), which
     must not appear in the guide.  The reported loss is the negative of the unbiased ELBO
     estimate above when the sampler has ``log_prob``; otherwise it omits the
-    :math:`-\log p(z\mid\theta,y)` term (an upper bound on :math:`\log p(y)`-scale values, useful
-    only for monitoring) and a warning says so once.
+    :math:`-\log p(z\mid\theta,y)` term, so its expectation is off by the conditional entropy of
+    :math:`z` and it is only good for monitoring (a warning says so once); the gradient is the
+    same either way.
 
     :param local_sites: a local site name (shorthand for :class:`GaussianConditional`) or a
         conditional sampler object.
@@ -59,6 +61,8 @@ class HybridELBO(ELBO):
     """
 
     def __init__(self, local_sites, num_particles: int = 1):
+        if not (isinstance(num_particles, int) and num_particles >= 1):
+            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
         super().__init__(num_particles=num_particles)
         self.conditional = _as_conditional(local_sites)
         self._warned = False
