@@ -267,15 +267,20 @@ class CAVI:
         which latents each term involves."""
         mu = self._moments()
         for term in self.terms:
-            used: Dict[str, str] = {}
-            lp = expected_log_prob(term.name, term.fn, term.value, self.factors, mu, used)
-            name = term.name
-            term.latent = set(used)
-            term.uses = {s: f"{p} of {name!r} ({type(unwrap(term.fn)[0]).__name__})" for s, p in used.items()}
+            # enumerated discrete sites show up as dimensions left of the plates in the batch shape
+            value = term.value
+            value_batch = value.shape[: value.dim() - term.fn.event_dim] if isinstance(value, torch.Tensor) else ()
+            batch = torch.broadcast_shapes(term.fn.batch_shape, value_batch)
             term.discrete = [
                 name for name, site in self.latents.items()
-                if site.family == "Categorical" and lp.dim() >= -site.enum_dim and lp.shape[site.enum_dim] > 1
+                if site.family == "Categorical" and len(batch) >= -site.enum_dim and batch[site.enum_dim] > 1
             ]
+            used: Dict[str, str] = {}
+            with memoize(self._memo):
+                expected_log_prob(term.name, term.fn, term.value, self.factors, mu, used,
+                                  weight=self._weight(term), cache=self._cache)
+            term.latent = set(used)
+            term.uses = {s: f"{p} of {term.name!r} ({type(unwrap(term.fn)[0]).__name__})" for s, p in used.items()}
         self._terms_of = {
             name: [t for t in self.terms if name in t.latent or name in t.discrete or t.name == name]
             for name in self.factors
