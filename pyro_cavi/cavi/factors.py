@@ -234,11 +234,26 @@ class ReshapedMultivariateNormal(dist.TorchDistribution):
         return ReshapedMultivariateNormal(loc, tril, self.event_shape)
 
 
-class GammaFactor(ExpFamilyFactor):
+class _PositivePowerFactor(ExpFamilyFactor):
+    """Gamma-type factors with mean parameters ``(E[x ** power], E[log x])``."""
+
+    positive = True
+    power: float = 1.0
+
+    def mean_log(self, mu, index):
+        return _gather(mu[1], index)
+
+    def mean_pow(self, mu, index, power):
+        if power == self.power:
+            return _gather(mu[0], index)
+        raise _NotASufficientStatistic(f"x ** {power:g}")
+
+
+class GammaFactor(_PositivePowerFactor):
     """``Gamma(concentration, rate)``; mean parameters ``(E[x], E[log x])``."""
 
     family = "Gamma"
-    positive = True
+    power = 1.0
 
     def __init__(self, site, shape, event_dim, dtype, device):
         super().__init__(site, shape, event_dim, dtype, device)
@@ -263,20 +278,12 @@ class GammaFactor(ExpFamilyFactor):
         d = dist.Gamma(self.concentration, self.rate)
         return d.to_event(self.event_dim) if self.event_dim else d
 
-    def mean_log(self, mu, index):
-        return _gather(mu[1], index)
 
-    def mean_pow(self, mu, index, power):
-        if power == 1.0:
-            return _gather(mu[0], index)
-        raise _NotASufficientStatistic(f"x ** {power:g}")
-
-
-class InverseGammaFactor(ExpFamilyFactor):
+class InverseGammaFactor(_PositivePowerFactor):
     """``InverseGamma(concentration, rate)``; mean parameters ``(E[1/x], E[log x])``."""
 
     family = "InverseGamma"
-    positive = True
+    power = -1.0
 
     def __init__(self, site, shape, event_dim, dtype, device):
         super().__init__(site, shape, event_dim, dtype, device)
@@ -303,14 +310,6 @@ class InverseGammaFactor(ExpFamilyFactor):
 
     def stand_in(self):
         return self.rate / (self.concentration + 1.0)
-
-    def mean_log(self, mu, index):
-        return _gather(mu[1], index)
-
-    def mean_pow(self, mu, index, power):
-        if power == -1.0:
-            return _gather(mu[0], index)
-        raise _NotASufficientStatistic(f"x ** {power:g}")
 
 
 class BetaFactor(ExpFamilyFactor):

@@ -46,10 +46,10 @@ class Expect:
             f"({self.dist_name}): {param} of {self.site!r} is {reason}"
         )
 
-    def _call(self, fn, param, x, *args):
+    def _call(self, fn, param, x, *args, **kwargs):
         self._record(x, param)
         try:
-            return fn(x, *args, self.factors, self.mu) if args else fn(x, self.factors, self.mu)
+            return fn(x, *args, self.factors, self.mu, **kwargs)
         except ex.NotConjugate as e:
             self._fail(param, x, str(e))
 
@@ -61,18 +61,10 @@ class Expect:
 
     def wsq(self, x, weight, param):
         """sum_n weight_n E[x_n²]"""
-        self._record(x, param)
-        try:
-            return ex.weighted_second_moment(x, weight, self.factors, self.mu, self.cache)
-        except ex.NotConjugate as e:
-            self._fail(param, x, str(e))
+        return self._call(ex.weighted_second_moment, param, x, weight, cache=self.cache)
 
     def quad(self, x, precision, param):
-        self._record(x, param)
-        try:
-            return ex.quadratic_form(x, precision, self.factors, self.mu)
-        except ex.NotConjugate as e:
-            self._fail(param, x, str(e))
+        return self._call(ex.quadratic_form, param, x, precision)
 
     def log(self, x, param):
         return self._call(ex.mean_log, param, x)
@@ -81,11 +73,7 @@ class Expect:
         return self._call(ex.mean_log1m, param, x)
 
     def pow(self, x, power, param):
-        self._record(x, param)
-        try:
-            return ex.mean_pow(x, power, self.factors, self.mu)
-        except ex.NotConjugate as e:
-            self._fail(param, x, str(e))
+        return self._call(ex.mean_pow, param, x, power)
 
     def omega(self) -> Tensor:
         """E[omega] of the Polya-Gamma factor augmenting this site's logistic likelihood."""

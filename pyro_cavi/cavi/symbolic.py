@@ -805,51 +805,42 @@ def _matmul(shape, a, b):
         X, W, left = a, eb, True
     else:
         X, W, left = b, ea, False
-    X = torch.as_tensor(X)
-    X = X.to(W.const.dtype)
-    # promote vectors to matrices as torch.matmul does
-    w_vec = len(W.shape) == 1
-    x_vec = X.dim() == 1
+    X = torch.as_tensor(X).to(W.const.dtype)
     if left:
-        Wm = _unsqueeze_expr(W, -1) if w_vec else W
-        Xm = X.unsqueeze(0) if x_vec else X
-        # X (..., n, k) @ W (..., k, m)
-        const = Xm @ Wm.const.expand(Wm.shape)
-        terms = {}
-        for s, (coef, idx) in Wm.terms.items():
-            coef = coef.expand(Wm.shape + coef.shape[-1:])
-            idx = idx.expand(Wm.shape)
-            first = idx.narrow(-2, 0, 1)
-            if idx.shape[-2] > 1 and not torch.equal(idx, first.expand_as(idx)):
-                raise _Densify(s)
-            c = torch.einsum("...nk,...kme->...nme", Xm, coef)
-            terms[s] = (c, first.expand(c.shape[:-1]))
-        out = Lin(const, terms, const.shape)
-        if w_vec:
-            out = _squeeze_expr(out, -1)
-        if x_vec:
-            out = _squeeze_expr(out, -2 if not w_vec else -1)
+        out = _const_matmul_lin(X, W)
     else:
-        Wm = _unsqueeze_expr(W, 0) if w_vec else W
-        Xm = X.unsqueeze(-1) if x_vec else X
-        # W (..., n, k) @ X (..., k, m)
-        const = Wm.const.expand(Wm.shape) @ Xm
-        terms = {}
-        for s, (coef, idx) in Wm.terms.items():
-            coef = coef.expand(Wm.shape + coef.shape[-1:])
-            idx = idx.expand(Wm.shape)
-            first = idx.narrow(-1, 0, 1)
-            if idx.shape[-1] > 1 and not torch.equal(idx, first.expand_as(idx)):
-                raise _Densify(s)
-            c = torch.einsum("...nke,...km->...nme", coef, Xm)
-            terms[s] = (c, first.expand(c.shape[:-1]))
-        out = Lin(const, terms, const.shape)
-        if x_vec:
-            out = _squeeze_expr(out, -1)
-        if w_vec:
-            out = _squeeze_expr(out, -2 if not x_vec else -1)
+        # W @ X = (X' @ W')ᵀ with ' transposing matrices (vectors stay as they are)
+        Xt = X.mT if X.dim() >= 2 else X
+        Wt = _dim_op(W, W.shape[:-2] + W.shape[-2:][::-1], lambda t, d: t.transpose(d[0], d[1]), (-2, -1)) if len(W.shape) >= 2 else W
+        out = _const_matmul_lin(Xt, Wt)
+        if X.dim() >= 2 and len(W.shape) >= 2:
+            out = _dim_op(out, out.shape[:-2] + out.shape[-2:][::-1], lambda t, d: t.transpose(d[0], d[1]), (-2, -1))
     if out.shape != shape:
         out = _expand(out, shape)
+    return out
+
+
+def _const_matmul_lin(X: Tensor, W: Lin) -> Lin:
+    """X @ W for a constant X and an affine W, with torch.matmul's promotion of vectors."""
+    w_vec, x_vec = len(W.shape) == 1, X.dim() == 1
+    Wm = _unsqueeze_expr(W, -1) if w_vec else W
+    Xm = X.unsqueeze(0) if x_vec else X
+    # X (..., n, k) @ W (..., k, m): every output element must read one block of each site
+    const = Xm @ Wm.const.expand(Wm.shape)
+    terms = {}
+    for s, (coef, idx) in Wm.terms.items():
+        coef = coef.expand(Wm.shape + coef.shape[-1:])
+        idx = idx.expand(Wm.shape)
+        first = idx.narrow(-2, 0, 1)
+        if idx.shape[-2] > 1 and not torch.equal(idx, first.expand_as(idx)):
+            raise _Densify(s)
+        c = torch.einsum("...nk,...kme->...nme", Xm, coef)
+        terms[s] = (c, first.expand(c.shape[:-1]))
+    out = Lin(const, terms, const.shape)
+    if w_vec:
+        out = _squeeze_expr(out, -1)
+    if x_vec:
+        out = _squeeze_expr(out, -2 if not w_vec else -1)
     return out
 
 
