@@ -158,9 +158,9 @@ def main(argv=None):
                 offset = torch.tensor(r[key]["mode"]) - torch.tensor(r["true"]).mean()
                 ax.plot(range(1, 6), offset, "-o", ms=3, alpha=0.5,
                         color="tab:blue" if r[key]["ordered"] else "tab:red")
-            ax.set_title(f"{name}: mode of q(Z_k | x) - mean true centre")
+            ax.set_title(f"{name} (blue: ordered, red: not)", fontsize=9)
             ax.set_xlabel("k")
-        axes[0].set_ylabel("blue: ordered, red: not")
+        axes[0].set_ylabel("mode of q(Z_k | x) - mean true centre", fontsize=8)
         fig.tight_layout()
         fig.savefig(args.figure)
         print(f"\nfigure: {args.figure}")
