@@ -9,15 +9,17 @@ Which sites enter the ratio:
 * every latent site the guide draws, with its guide density in :math:`\log q` and its
   model density in :math:`\log p`; discrete local sites that the guide draws (e.g. the
   responsibilities of CAVI's Categorical factors) are part of :math:`\theta`, so the
-  ratio is the one of the joint :math:`q(\theta, z) = q(\theta) q(z)` that the engine fits;
+  ratio is the one of the joint :math:`q(\theta, z) = q(\theta) q(z)` that the engine fits
+  (``discrete="sample"``); ``discrete="enumerate"`` sums them out of the model instead
+  (:mod:`.marginal`) and leaves them out of :math:`q`;
 * every observed site (likelihood, with Pyro's masks and scales);
 * a model latent site that the guide does not draw is sampled from its prior by the
   replayed model: its density would appear in both :math:`p` and :math:`q`, so it is left
   out of both (the ratio is the one of the sites the guide draws);
 * a guide site recorded as a ``Delta`` (a value the engine draws by other means, e.g.
   NG-HVI's exact conditional :math:`p(z \mid \theta, y)` or a mixture guide's component
-  draw) has no density in the trace; guides that carry their density another way are
-  handled by :func:`guide_log_density`, others are refused with an error naming the site.
+  draw) has no density in the trace; the guides that carry it another way are handled in
+  :mod:`.guides`, others are refused with an error naming the site.
 """
 
 from __future__ import annotations
