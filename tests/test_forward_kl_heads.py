@@ -146,3 +146,14 @@ def test_von_mises_head_gradient_is_finite_at_zero():
     raw = torch.zeros(4, 2, requires_grad=True)
     VonMisesHead()(raw).log_prob(torch.rand(4)).sum().backward()
     assert torch.isfinite(raw.grad).all() and raw.grad.abs().sum() > 0
+
+
+def test_two_posteriors_keep_their_own_parameters():
+    import pyro
+
+    pyro.clear_param_store()
+    first = AmortisedPosterior(torch.nn.Linear(3, 2), {"a": DiagonalNormalHead()})
+    second = AmortisedPosterior(torch.nn.Linear(3, 2), {"a": DiagonalNormalHead()})
+    x = torch.randn(1, 3)
+    assert not torch.allclose(first(x)["a"].mean, second(x)["a"].mean)
+    assert first.name != second.name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Mapping
 
 import torch
@@ -13,6 +14,8 @@ import pyro
 from .heads import ExponentialFamilyHead
 
 __all__ = ["AmortisedPosterior"]
+
+_instances = itertools.count()
 
 
 class AmortisedPosterior(nn.Module):
@@ -26,14 +29,15 @@ class AmortisedPosterior(nn.Module):
 
     :param encoder: ``encoder(*observations) -> (batch, num_outputs)``.
     :param heads: latent site name -> :class:`ExponentialFamilyHead`.
-    :param name: the name under which the parameters enter Pyro's param store.
+    :param name: the name under which the parameters enter Pyro's param store
+        (default: ``amortised_posterior_<n>``, distinct for each instance).
     """
 
     def __init__(
         self,
         encoder: nn.Module,
         heads: Mapping[str, ExponentialFamilyHead],
-        name: str = "amortised_posterior",
+        name: str | None = None,
     ) -> None:
         super().__init__()
         if not heads:
@@ -45,7 +49,8 @@ class AmortisedPosterior(nn.Module):
                 )
         self.encoder = encoder
         self.heads = nn.ModuleDict(heads)
-        self.name = name
+        # a distinct default name per instance: two posteriors must not share param-store entries
+        self.name = name if name is not None else f"amortised_posterior_{next(_instances)}"
 
     @property
     def num_outputs(self) -> int:
