@@ -64,7 +64,9 @@ def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden
 
 def fit_cavi(X, y, num_experts: int = 20, num_steps: int = 200, tol: float = 1e-6, seed: int = 0, **kwargs):
     """Fit a CMN by CAVI; returns the engine (its ``posterior`` holds every factor)."""
-    cavi = CAVI(lambda X, y: cmn(X, y, num_experts=num_experts, **kwargs), seed=seed)
+    # experts start from random data points (Forgy); k-means++ seeding over-fits the experts'
+    # precisions to single points before the hidden layer has settled
+    cavi = CAVI(lambda X, y: cmn(X, y, num_experts=num_experts, **kwargs), seed=seed, init="forgy")
     cavi.run(X, y, num_steps=num_steps, tol=tol, progress=False)
     return cavi
 

@@ -263,3 +263,20 @@ def test_bernoulli_latent_indexing_parameters():
     r1 = q["b"].probs
     assert float(q["p"].concentration1) == pytest.approx(1.0 + float(r1.sum()), rel=1e-8)
     assert torch.allclose(q["loc"].mean.sort().values, torch.tensor([-3.0, 3.0]), atol=0.3)
+
+
+def test_kmeans_plus_plus_seeding_finds_the_optimum_more_often_than_forgy():
+    """Five clusters, ten seeds each: k-means++ seeding reaches the best ELBO at least as often."""
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(5, 2, generator=g) * 4
+    Y = centres[torch.randint(0, 5, (400,), generator=g)] + torch.randn(400, 2, generator=g)
+    hits = {}
+    for init in ("forgy", "kmeans++"):
+        elbos = [CAVI(lambda Y: gmm(Y, K=5), seed=s, init=init).run(Y, num_steps=200, tol=1e-10, progress=False).elbo
+                 for s in range(6)]
+        hits[init] = elbos
+    best = max(max(v) for v in hits.values())
+    count = {k: sum(e > best - 1 for e in v) for k, v in hits.items()}
+    assert count["kmeans++"] >= count["forgy"] and count["kmeans++"] >= 3, count
+    with pytest.raises(ValueError, match="init must be"):
+        CAVI(gmm, init="random")

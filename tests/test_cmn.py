@@ -85,7 +85,7 @@ def test_cmn_on_pinwheels_learns_and_elbo_never_decreases():
     X, y = cmn.pinwheels(60, seed=0)  # 300 points, 5 classes
     X = (X - X.mean(0)) / X.std(0)
     Xtr, ytr, Xte, yte = X[:150], y[:150], X[150:], y[150:]
-    cavi = CAVI(lambda X, y: cmn.cmn(X, y, num_experts=5), seed=1)
+    cavi = CAVI(lambda X, y: cmn.cmn(X, y, num_experts=5), seed=1, init="forgy")
     losses = fit(cavi, Xtr, ytr, num_steps=60, tol=1e-8)
     assert losses[-1] < losses[0]
     p = cmn.predict_proba(cavi, Xte, num_samples=100)

@@ -85,6 +85,7 @@ class CAVI:
         ``None`` uses Pyro's global RNG, so results follow ``pyro.set_rng_seed``.
     :param num_restarts: :meth:`run` fits from this many initialisations and keeps the
         one with the best ELBO.
+    :param init: how discrete sites are seeded: ``"kmeans++"`` (default) or ``"forgy"``.
     :param joint: groups of Gaussian latent sites to fit with one joint Gaussian factor
         (structured mean-field), e.g. ``joint=[("intercept", "slope", "u")]``: exact for
         jointly Gaussian posteriors and far fewer sweeps when the sites are correlated
@@ -100,7 +101,10 @@ class CAVI:
     """
 
     def __init__(self, model, *, seed: Optional[int] = None, num_restarts: int = 1,
-                 joint: Sequence[Sequence[str]] = ()):
+                 joint: Sequence[Sequence[str]] = (), init: str = "kmeans++"):
+        if init not in ("kmeans++", "forgy"):
+            raise ValueError(f"init must be 'kmeans++' or 'forgy', got {init!r}")
+        self.init = init
         if num_restarts < 1:
             raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
         self.joint = [tuple(g) for g in joint]
@@ -326,16 +330,18 @@ class CAVI:
             return self._expected_log_joint(self.terms, mu) + h
 
     # ------------------------------------------------------------------ updates
-    def _update(self, name: str, weight_mask: Optional[Dict[str, Tensor]] = None) -> None:
-        f = self.factors[name]
+    def _update(self, name: str) -> None:
+        self.factors[name].update(self._natural_grads(name))
+
+    def _natural_grads(self, name: str):
+        """Gradient of the expected log joint with respect to the factor's mean parameters."""
         mu = self._moments()
         own = tuple(t.detach().clone().requires_grad_(True) for t in mu[name])
         mu[name] = own
         with torch.enable_grad():
             total = self._expected_log_joint(self._terms_of[name], mu)
             grads = torch.autograd.grad(total, own, allow_unused=True)
-        grads = tuple(torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, own))
-        f.update(grads)
+        return tuple(torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, own))
 
     def _sweep(self) -> None:
         # augmentation variables first, so every sweep starts from bounds tight at the current factors
@@ -347,9 +353,15 @@ class CAVI:
                 self._update(name)
 
     def _initialise(self) -> None:
-        """Draw Gaussian means at random, then seed discrete sites from randomly chosen data points (Forgy seeding): each
-        category starts from one batch element of its own, then every continuous factor
-        is updated from those seeds and the discrete factors from the continuous ones."""
+        """Draw Gaussian means at random, then seed every discrete site from data points.
+
+        Seeding (``init="kmeans++"``, the default) gives each category one batch element of
+        its own, chosen as k-means++ does: the first at random, each next one with
+        probability proportional to how badly the current seeds explain it (the gap in
+        expected log likelihood, which is half the squared distance for a unit Gaussian).
+        ``init="forgy"`` picks all seeds at random. The continuous factors are then fitted to
+        the seeds alone, and the discrete factors to them.
+        """
         gen = self._generator
         # random means for Gaussian factors break the symmetry of bilinear terms (x1 @ B = 0 is a
         # saddle point of mean-field CAVI); conjugate models converge from anywhere
@@ -358,29 +370,53 @@ class CAVI:
                 loc = torch.randn(f.loc.shape, generator=gen).to(dtype=self.dtype, device=self.device)
                 f.set(loc, f.scale_tril)
         discrete = [n for n, s in self.latents.items() if s.family == "Categorical"]
-        if not discrete:
-            self._initialised = True
-            return
         for name in discrete:
-            f = self.factors[name]
-            k = f.probs.shape[-1]
-            n = f.shape.numel()
-            if n >= k:
-                seeds = torch.randperm(n, generator=gen)[:k].to(self.device)
-                probs = torch.zeros(n, k, dtype=self.dtype, device=self.device)
-                probs[seeds, torch.arange(k, device=self.device)] = 1.0
-            else:
-                probs = torch.distributions.Dirichlet(torch.ones(k)).sample((n,)).to(self.dtype).to(self.device)
-            f.set(probs.reshape(f.shape + (k,)))
+            self._seed(name, gen, plus_plus=False)
+        if self.init == "kmeans++":
+            for name in discrete:
+                self._seed(name, gen, plus_plus=True)
+        if discrete:
+            self._update_continuous()
+            for name in discrete:
+                self._update(name)
+        self._initialised = True
+
+    def _update_continuous(self) -> None:
         for name, f in self.factors.items():
             if f.auxiliary:
                 self._update(name)
         for name, f in self.factors.items():
-            if not f.auxiliary and name not in discrete:
+            if not f.auxiliary and not f.discrete:
                 self._update(name)
-        for name in discrete:
-            self._update(name)
-        self._initialised = True
+
+    def _seed(self, name: str, gen, plus_plus: bool) -> None:
+        f = self.factors[name]
+        k, n = f.probs.shape[-1], f.shape.numel()
+        if n < k:
+            probs = torch.distributions.Dirichlet(torch.ones(k)).sample((n,)).to(self.dtype).to(self.device)
+            f.set(probs.reshape(f.shape + (k,)))
+            return
+        probs = torch.zeros(n, k, dtype=self.dtype, device=self.device)
+        if not plus_plus:
+            seeds = torch.randperm(n, generator=gen)[:k].to(self.device)
+            probs[seeds, torch.arange(k, device=self.device)] = 1.0
+            f.set(probs.reshape(f.shape + (k,)))
+            return
+        chosen = [int(torch.randint(n, (1,), generator=gen))]
+        probs[chosen[0], 0] = 1.0
+        for j in range(1, k):
+            f.set(probs.reshape(f.shape + (k,)))
+            self._update_continuous()
+            scores = self._natural_grads(name)[0].reshape(n, k)[:, :j].max(-1).values
+            gap = (scores.max() - scores).clamp_min(0)
+            gap[chosen] = 0
+            if not bool(gap.sum() > 0):
+                gap = torch.ones(n, dtype=self.dtype, device=self.device)
+                gap[chosen] = 0
+            pick = int(torch.multinomial(gap.cpu().double(), 1, generator=gen))
+            chosen.append(pick)
+            probs[pick, j] = 1.0
+        f.set(probs.reshape(f.shape + (k,)))
 
     def _reset(self) -> None:
         self._build_factors({})
