@@ -1,11 +1,35 @@
 """pyro_cavi: closed-form, mixture, natural-gradient and amortised inference engines for Pyro models.
 
 - :class:`CAVI` -- conjugacy-detecting coordinate-ascent VI (no guide, no optimiser).
-- :func:`to_inference_data` -- export any fit to ArviZ.
+- :class:`MISELBO` -- an ELBO for mixture guides (A2A, S2A, S2S estimators).
+- :mod:`pyro_cavi.nghvi` -- natural-gradient hybrid VI (:class:`NGHVIOptim`, :class:`HybridELBO`).
+- :class:`ForwardKL` -- amortised inference by the expected forward KL.
+- :func:`to_inference_data` -- export any fit to ArviZ; :mod:`pyro_cavi.diagnostics` -- PSIS, VSBC.
 """
 
 from .arviz_export import to_inference_data
-from .cavi import CAVI, CAVIResult, NonConjugateError
+from .cavi import CAVI, CAVIConditional, CAVIResult, NonConjugateError
+from .distributions import StickBreakingCategorical
+from .forward_kl import AmortisedPosterior, ForwardKL
+from .miselbo import MISELBO, AmortizedMixtureGuide, MixtureEncoder, MixtureGuide, mis_log_likelihood
+from .nghvi import HybridELBO, NGHVIOptim, SGHVIOptim
 
-__all__ = ["CAVI", "CAVIResult", "NonConjugateError", "to_inference_data"]
+__all__ = [
+    "AmortisedPosterior",
+    "AmortizedMixtureGuide",
+    "CAVI",
+    "CAVIConditional",
+    "CAVIResult",
+    "ForwardKL",
+    "HybridELBO",
+    "MISELBO",
+    "MixtureEncoder",
+    "MixtureGuide",
+    "NGHVIOptim",
+    "NonConjugateError",
+    "SGHVIOptim",
+    "StickBreakingCategorical",
+    "mis_log_likelihood",
+    "to_inference_data",
+]
 __version__ = "0.1.0"
