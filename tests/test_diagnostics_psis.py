@@ -318,3 +318,31 @@ def test_discrete_local_sites_sampled_or_enumerated():
     assert torch.allclose(marginal.log_ratios, log_prior + log_lik - log_q, rtol=1e-10)
     with pytest.raises(ValueError, match="discrete must be"):
         psis(cavi, mixture, y, num_samples=10, discrete="sum")
+
+
+def test_chain_summary_names_the_best_restart():
+    from pyro_cavi import to_inference_data
+    from pyro_cavi.diagnostics import chain_summary
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.cat([torch.randn(25, generator=g) + c for c in (-9.0, -3.0, 3.0, 9.0)]).double()
+
+    def three(y):
+        w = pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=y.dtype)))
+        with pyro.plate("components", 3):
+            loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
+
+    fits = [CAVI(three, seed=s) for s in (0, 1)]
+    for f in fits:
+        f.run(y, progress=False)
+    idata = to_inference_data(fits, three, y, num_samples=100, psis=True)
+    table = chain_summary(idata, var_names=["loc"])
+    elbos = [f.elbo_trace[-1] for f in fits]
+    assert list(table["elbo"]) == elbos
+    assert list(table["best"]) == [e == max(elbos) for e in elbos]
+    assert list(table["psis_khat"]) == idata.attrs["psis_khat"]
+    assert table.attrs["max_rhat"] == pytest.approx(float(az.rhat(idata, var_names=["loc"])["loc"].max()))
+    assert table.attrs["max_rhat"] > 1.5
