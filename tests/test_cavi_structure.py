@@ -318,13 +318,3 @@ def test_subsample_scale_weights_the_likelihood():
     m, s = _normal_posterior(torch.cat([y, y]))
     assert float(cavi.posterior["mu"].mean) == pytest.approx(float(m), rel=1e-12)
     assert float(cavi.posterior["mu"].stddev) == pytest.approx(float(s), rel=1e-12)
-
-
-def test_subsampled_plate_is_refused_not_silently_fitted_on_one_batch():
-    def model(y):
-        mu = pyro.sample("mu", dist.Normal(0.0, 2.0))
-        with pyro.plate("data", len(y), subsample_size=2) as idx:
-            pyro.sample("y", dist.Normal(mu, 1.0), obs=y[idx])
-
-    with pytest.raises(NotImplementedError, match="plate 'data' subsamples 2 of 5"):
-        CAVI(model).step(torch.arange(5.0))

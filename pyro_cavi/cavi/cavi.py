@@ -85,6 +85,10 @@ class CAVI:
         ``None`` uses Pyro's global RNG, so results follow ``pyro.set_rng_seed``.
     :param num_restarts: :meth:`run` fits from this many initialisations and keeps the
         one with the best ELBO.
+    :param step_size: ``(tau, kappa)`` of the Robbins-Monro step size
+        :math:`\\rho_t = (t + \\tau)^{-\\kappa}` used when the model subsamples a plate
+        (stochastic CAVI, Hoffman et al. 2013).
+    :param local_iters: passes over the local factors per minibatch in stochastic CAVI.
     :param init: how discrete sites are seeded: ``"kmeans++"`` (default) or ``"forgy"``.
     :param joint: groups of Gaussian latent sites to fit with one joint Gaussian factor
         (structured mean-field), e.g. ``joint=[("intercept", "slope", "u")]``: exact for
@@ -101,10 +105,18 @@ class CAVI:
     """
 
     def __init__(self, model, *, seed: Optional[int] = None, num_restarts: int = 1,
-                 joint: Sequence[Sequence[str]] = (), init: str = "kmeans++"):
+                 joint: Sequence[Sequence[str]] = (), init: str = "kmeans++",
+                 step_size: tuple = (1.0, 0.7), local_iters: int = 3):
         if init not in ("kmeans++", "forgy"):
             raise ValueError(f"init must be 'kmeans++' or 'forgy', got {init!r}")
         self.init = init
+        tau, kappa = step_size
+        if tau < 0 or not 0 <= kappa <= 1:
+            raise ValueError(f"step_size=(tau, kappa) needs tau >= 0 and 0 <= kappa <= 1, got {step_size}")
+        self.step_size = (float(tau), float(kappa))
+        self.local_iters = local_iters
+        self.stochastic = False
+        self._t = 0
         if num_restarts < 1:
             raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
         self.joint = [tuple(g) for g in joint]
@@ -150,13 +162,14 @@ class CAVI:
         return True
 
     def _prepare(self, args, kwargs) -> None:
-        if self._same_args(args, kwargs):
+        # a subsampling model draws a new minibatch on every call: always retrace it
+        if not self.stochastic and self._same_args(args, kwargs):
             return
         key = (tuple(args), dict(kwargs))
         self._memo, self._cache = {}, {}
-        self.latents, self.observed, self.max_plate_nesting, self.dtype, self.device = prior_structure(
-            self.model, args, kwargs
-        )
+        (self.latents, self.observed, self.max_plate_nesting, self.dtype, self.device,
+         subsampled) = prior_structure(self.model, args, kwargs)
+        self.stochastic = bool(subsampled)
         if not self.latents:
             raise ValueError("the model has no latent sites: there is nothing to infer")
         self._check_groups()
@@ -201,7 +214,8 @@ class CAVI:
         for name, site in self.latents.items():
             group = self._group_of.get(name)
             if group is None:
-                self.factors[name] = self._make_factor(site, old.get(name))
+                # local factors belong to the previous minibatch's data: start them afresh
+                self.factors[name] = self._make_factor(site, None if site.local else old.get(name))
             elif group not in self.factors:
                 size = sum(k for _, _, k in self._group_layout(group))
                 prev = old.get(group)
@@ -324,10 +338,46 @@ class CAVI:
         return total
 
     def _elbo(self) -> Tensor:
+        """The exact ELBO (with subsampled plates: its unbiased minibatch estimate, local
+        entropies scaled like their data)."""
         with torch.no_grad():
             mu = self._moments()
-            h = sum(f.entropy() for f in self.factors.values())
+            h = sum(f.entropy() * self._entropy_scale(name) for name, f in self.factors.items())
             return self._expected_log_joint(self.terms, mu) + h
+
+    def _entropy_scale(self, name: str):
+        site = self.latents.get(name)
+        if site is None or not site.local:
+            return 1.0
+        return next((t.scale for t in self.terms if t.name == name), 1.0)
+
+    def _is_local(self, name: str) -> bool:
+        f = self.factors[name]
+        if f.auxiliary:
+            return True
+        site = self.latents.get(name)
+        return site is not None and site.local
+
+    def _stochastic_step(self) -> None:
+        """Stochastic CAVI (Hoffman, Blei, Wang & Paisley 2013): local factors get their exact
+        update on the minibatch; each global factor moves its natural parameters a step
+        :math:`\\rho_t` towards the update the minibatch (rescaled to the full data) implies:
+        :math:`\\eta \\leftarrow (1 - \\rho_t)\\eta + \\rho_t \\hat\\eta`."""
+        tau, kappa = self.step_size
+        rho = (self._t + tau) ** (-kappa) if (self._t + tau) > 0 else 1.0
+        local = [n for n in self.factors if self._is_local(n)]
+        for _ in range(self.local_iters):
+            for name in local:
+                self._update(name)
+        for name, f in self.factors.items():
+            if name in local:
+                continue
+            target = self._natural_grads(name)
+            if rho >= 1.0:
+                f.update(target)
+            else:
+                f.update(tuple((1 - rho) * a + rho * b for a, b in zip(f.natural(), target)))
+        self._t += 1
 
     # ------------------------------------------------------------------ updates
     def _update(self, name: str) -> None:
@@ -420,6 +470,7 @@ class CAVI:
 
     def _reset(self) -> None:
         self._build_factors({})
+        self._t = 0
         self._augment()
         self._initialised = False
         self.elbo_trace = []
@@ -433,7 +484,10 @@ class CAVI:
             if self.seed is not None and self._generator is None:
                 self._generator = torch.Generator().manual_seed(self.seed)
             self._initialise()
-        self._sweep()
+        if self.stochastic:
+            self._stochastic_step()
+        else:
+            self._sweep()
         elbo = float(self._elbo())
         if not math.isfinite(elbo):
             raise FloatingPointError(f"the ELBO became {elbo}; check the model's priors and data")
@@ -442,8 +496,14 @@ class CAVI:
 
     @torch.no_grad()
     def evaluate_loss(self, *args, **kwargs) -> float:
-        """``-ELBO`` of the current factors, without updating them."""
+        """``-ELBO`` of the current factors, without updating them. With a subsampled plate it
+        is an unbiased estimate on a fresh minibatch, whose local factors are first fitted to
+        the current global factors."""
         self._prepare(args, kwargs)
+        if self.stochastic:
+            for _ in range(self.local_iters):
+                for name in [n for n in self.factors if self._is_local(n)]:
+                    self._update(name)
         return -float(self._elbo())
 
     def run(self, *args, num_steps: int = 1000, tol: float = 1e-8, progress: bool = True, **kwargs) -> CAVIResult:

@@ -61,6 +61,12 @@ class ExpFamilyFactor:
 
     # -- what every family provides
     def update(self, grads: Tuple[Tensor, ...]) -> None:
+        """Set the natural parameters to ``grads``, the gradient of the expected log joint
+        with respect to the mean parameters (the optimal coordinate update)."""
+        raise NotImplementedError
+
+    def natural(self) -> Tuple[Tensor, ...]:
+        """The current natural parameters, in the layout :meth:`update` takes."""
         raise NotImplementedError
 
     def entropy(self) -> Tensor:
@@ -155,6 +161,10 @@ class GaussianFactor(ExpFamilyFactor):
         cov = 0.5 * (cov + cov.mT)
         self.scale_tril = torch.linalg.cholesky(cov)
         self._set_mean_params()
+
+    def natural(self):
+        precision = torch.cholesky_inverse(self.scale_tril) if self.block_size > 1 else self.scale_tril ** -2
+        return (precision @ self.loc.unsqueeze(-1)).squeeze(-1), -0.5 * precision
 
     def _not_positive_definite(self):
         raise NonConjugateError(
@@ -263,6 +273,9 @@ class GammaFactor(_PositivePowerFactor):
         self.concentration, self.rate = concentration, rate
         self.mean_params = (concentration / rate, torch.digamma(concentration) - rate.log())
 
+    def natural(self):
+        return -self.rate, self.concentration - 1.0
+
     def update(self, grads):
         g_x, g_log = grads
         a, b = 1.0 + g_log, -g_x
@@ -292,6 +305,9 @@ class InverseGammaFactor(_PositivePowerFactor):
     def set(self, concentration, rate):
         self.concentration, self.rate = concentration, rate
         self.mean_params = (concentration / rate, rate.log() - torch.digamma(concentration))
+
+    def natural(self):
+        return -self.rate, -self.concentration - 1.0
 
     def update(self, grads):
         g_inv, g_log = grads
@@ -328,6 +344,9 @@ class BetaFactor(ExpFamilyFactor):
         total = torch.digamma(c1 + c0)
         self.mean_params = (torch.digamma(c1) - total, torch.digamma(c0) - total)
 
+    def natural(self):
+        return self.concentration1 - 1.0, self.concentration0 - 1.0
+
     def update(self, grads):
         a, b = 1.0 + grads[0], 1.0 + grads[1]
         self._check("concentration1", a)
@@ -361,6 +380,9 @@ class DirichletFactor(ExpFamilyFactor):
     def set(self, concentration):
         self.concentration = concentration
         self.mean_params = (torch.digamma(concentration) - torch.digamma(concentration.sum(-1, keepdim=True)),)
+
+    def natural(self):
+        return (self.concentration - 1.0,)
 
     def update(self, grads):
         a = 1.0 + grads[0]
@@ -398,6 +420,9 @@ class CategoricalFactor(ExpFamilyFactor):
     def set(self, probs):
         self.probs = probs
         self.mean_params = (probs,)
+
+    def natural(self):
+        return (self.probs.clamp_min(torch.finfo(self.probs.dtype).tiny).log(),)
 
     def update(self, grads):
         g = grads[0]

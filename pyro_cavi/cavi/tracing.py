@@ -44,6 +44,7 @@ class LatentSite:
     event_dim: int
     support: Optional[Tensor] = None  # enumerated values of a discrete site
     enum_dim: Optional[int] = None
+    local: bool = False  # inside a subsampled plate: refitted on every minibatch
 
 
 @dataclass
@@ -128,21 +129,19 @@ def _check_observed(name: str, site) -> None:
 
 
 def prior_structure(model, args, kwargs):
-    """Trace the prior once; return (latent sites in order, observed site names, max plate nesting, dtype, device)."""
+    """Trace the prior once; return (latent sites in order, observed site names, max plate nesting,
+    dtype, device, names of the subsampled plates)."""
     with pyro.validation_enabled(False):
         tr = poutine.trace(model).get_trace(*args, **kwargs)
     latents: Dict[str, LatentSite] = {}
+    subsampled: set = set()
     observed = []
     nesting = 0
     dtype, device = None, None
     for name, site in tr.nodes.items():
         if site_is_subsample(site):
-            plate_size = site["fn"].size
-            if site["value"].shape[0] != plate_size:
-                raise NotImplementedError(
-                    f"plate {name!r} subsamples {site['value'].shape[0]} of {plate_size} elements: CAVI fits "
-                    "full-batch only for now (stochastic CAVI is planned); remove subsample_size to fit on all data"
-                )
+            if site["value"].shape[0] != site["fn"].size:
+                subsampled.add(name)
             continue
         if site["type"] != "sample":
             continue
@@ -171,7 +170,8 @@ def prior_structure(model, args, kwargs):
             else:
                 support = torch.arange(base._num_events)
         nesting = max(nesting, len(fn.batch_shape))
-        latents[name] = LatentSite(name, family, shape, event_dim, support)
+        local = any(f.name in subsampled for f in site["cond_indep_stack"])
+        latents[name] = LatentSite(name, family, shape, event_dim, support, local=local)
     if device is None:
         for site in tr.nodes.values():
             if site["type"] == "sample" and isinstance(site["value"], torch.Tensor) and site["value"].is_floating_point():
@@ -182,7 +182,7 @@ def prior_structure(model, args, kwargs):
     for i, site in enumerate(s for s in latents.values() if s.family == "Categorical"):
         site.enum_dim = -(nesting + 1 + i)
         site.support = site.support.to(device=device, dtype=dtype if site.support.is_floating_point() else torch.long)
-    return latents, observed, nesting, dtype, device
+    return latents, observed, nesting, dtype, device, subsampled
 
 
 class SymbolicMessenger(Messenger):
