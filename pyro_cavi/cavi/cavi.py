@@ -89,6 +89,11 @@ class CAVI:
         :math:`\\rho_t = (t + \\tau)^{-\\kappa}` used when the model subsamples a plate
         (stochastic CAVI, Hoffman et al. 2013).
     :param local_iters: passes over the local factors per minibatch in stochastic CAVI.
+    :param shard_plate: data-parallel CAVI with ``torch.distributed``: every process calls the
+        model on its own shard of this plate's data; the expected sufficient statistics
+        (gradients with respect to global mean parameters) of the sharded sites are summed by
+        an all-reduce, so every process applies the same global update. Sites outside the
+        plate (priors of global latents) must be identical on every process.
     :param init: how discrete sites are seeded: ``"kmeans++"`` (default) or ``"forgy"``.
     :param joint: groups of Gaussian latent sites to fit with one joint Gaussian factor
         (structured mean-field), e.g. ``joint=[("intercept", "slope", "u")]``: exact for
@@ -106,7 +111,7 @@ class CAVI:
 
     def __init__(self, model, *, seed: Optional[int] = None, num_restarts: int = 1,
                  joint: Sequence[Sequence[str]] = (), init: str = "kmeans++",
-                 step_size: tuple = (1.0, 0.7), local_iters: int = 3):
+                 step_size: tuple = (1.0, 0.7), local_iters: int = 3, shard_plate: Optional[str] = None):
         if init not in ("kmeans++", "forgy"):
             raise ValueError(f"init must be 'kmeans++' or 'forgy', got {init!r}")
         self.init = init
@@ -115,6 +120,7 @@ class CAVI:
             raise ValueError(f"step_size=(tau, kappa) needs tau >= 0 and 0 <= kappa <= 1, got {step_size}")
         self.step_size = (float(tau), float(kappa))
         self.local_iters = local_iters
+        self.shard_plate = shard_plate
         self.stochastic = False
         self._t = 0
         if num_restarts < 1:
@@ -342,8 +348,17 @@ class CAVI:
         entropies scaled like their data)."""
         with torch.no_grad():
             mu = self._moments()
-            h = sum(f.entropy() * self._entropy_scale(name) for name, f in self.factors.items())
-            return self._expected_log_joint(self.terms, mu) + h
+            if self.shard_plate is None:
+                h = sum(f.entropy() * self._entropy_scale(name) for name, f in self.factors.items())
+                return self._expected_log_joint(self.terms, mu) + h
+            import torch.distributed as tdist
+
+            mine = self._expected_log_joint([t for t in self.terms if self.shard_plate in t.plates], mu)
+            mine = mine + sum((f.entropy() for n, f in self.factors.items() if self._is_sharded(n)), torch.zeros_like(mine))
+            if tdist.is_available() and tdist.is_initialized():
+                tdist.all_reduce(mine)
+            shared = self._expected_log_joint([t for t in self.terms if self.shard_plate not in t.plates], mu)
+            return mine + shared + sum((f.entropy() for n, f in self.factors.items() if not self._is_sharded(n)), torch.zeros_like(mine))
 
     def _entropy_scale(self, name: str):
         site = self.latents.get(name)
@@ -384,14 +399,37 @@ class CAVI:
         self.factors[name].update(self._natural_grads(name))
 
     def _natural_grads(self, name: str):
-        """Gradient of the expected log joint with respect to the factor's mean parameters."""
+        """Gradient of the expected log joint with respect to the factor's mean parameters
+        (summed over every process's shard in data-parallel CAVI)."""
+        terms = self._terms_of[name]
+        if self.shard_plate is None or self._is_sharded(name):
+            return self._grads(name, terms)
+        import torch.distributed as tdist
+
+        sharded = [t for t in terms if self.shard_plate in t.plates]
+        replicated = [t for t in terms if self.shard_plate not in t.plates]
+        grads = self._grads(name, sharded)
+        if tdist.is_available() and tdist.is_initialized():
+            for g in grads:
+                tdist.all_reduce(g)
+        return tuple(a + b for a, b in zip(grads, self._grads(name, replicated)))
+
+    def _grads(self, name: str, terms) -> tuple:
         mu = self._moments()
         own = tuple(t.detach().clone().requires_grad_(True) for t in mu[name])
         mu[name] = own
         with torch.enable_grad():
-            total = self._expected_log_joint(self._terms_of[name], mu)
-            grads = torch.autograd.grad(total, own, allow_unused=True)
-        return tuple(torch.zeros_like(t) if g is None else g.detach() for g, t in zip(grads, own))
+            total = self._expected_log_joint(terms, mu)
+            grads = torch.autograd.grad(total, own, allow_unused=True) if total.requires_grad else (None,) * len(own)
+        return tuple(torch.zeros_like(t) if g is None else g.detach().clone() for g, t in zip(grads, own))
+
+    def _is_sharded(self, name: str) -> bool:
+        """A factor that belongs to this process's shard (a local latent of the shard plate, or
+        the augmentation of a sharded likelihood)."""
+        if self.factors[name].auxiliary:
+            return True
+        members = [m for m, g in self._group_of.items() if g == name] or [name]
+        return any(self.shard_plate in self.latents[m].plates for m in members if m in self.latents)
 
     def _sweep(self) -> None:
         # augmentation variables first, so every sweep starts from bounds tight at the current factors
@@ -415,8 +453,9 @@ class CAVI:
         gen = self._generator
         # random means for Gaussian factors break the symmetry of bilinear terms (x1 @ B = 0 is a
         # saddle point of mean-field CAVI); conjugate models converge from anywhere
-        for f in self.factors.values():
-            if isinstance(f, GaussianFactor):
+        for name, f in self.factors.items():
+            # shard-local factors start at zero, so the fit does not depend on how data are sharded
+            if isinstance(f, GaussianFactor) and not (self.shard_plate and self._is_sharded(name)):
                 loc = torch.randn(f.loc.shape, generator=gen).to(dtype=self.dtype, device=self.device)
                 f.set(loc, f.scale_tril)
         discrete = [n for n, s in self.latents.items() if s.family == "Categorical"]

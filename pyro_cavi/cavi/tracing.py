@@ -45,6 +45,7 @@ class LatentSite:
     support: Optional[Tensor] = None  # enumerated values of a discrete site
     enum_dim: Optional[int] = None
     local: bool = False  # inside a subsampled plate: refitted on every minibatch
+    plates: frozenset = frozenset()  # names of the plates the site sits in
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Term:
     latent: set = field(default_factory=set)  # continuous latents it involves
     discrete: List[str] = field(default_factory=list)  # discrete latents it involves
     uses: Dict[str, str] = field(default_factory=dict)  # latent -> which parameter
+    plates: frozenset = frozenset()  # names of the plates the statement sits in
 
 
 def _family(name: str, fn) -> tuple[str, int]:
@@ -171,7 +173,8 @@ def prior_structure(model, args, kwargs):
                 support = torch.arange(base._num_events)
         nesting = max(nesting, len(fn.batch_shape))
         local = any(f.name in subsampled for f in site["cond_indep_stack"])
-        latents[name] = LatentSite(name, family, shape, event_dim, support, local=local)
+        plates = frozenset(f.name for f in site["cond_indep_stack"])
+        latents[name] = LatentSite(name, family, shape, event_dim, support, local=local, plates=plates)
     if device is None:
         for site in tr.nodes.values():
             if site["type"] == "sample" and isinstance(site["value"], torch.Tensor) and site["value"].is_floating_point():
@@ -212,7 +215,8 @@ class SymbolicMessenger(Messenger):
         full_mask = _combined_mask(msg)
         if msg["is_observed"] and full_mask is not None and value.is_floating_point():
             value = torch.where(full_mask, value, torch.zeros((), dtype=value.dtype, device=value.device))
-        self.terms.append(Term(msg["name"], msg["fn"], value, msg["is_observed"], msg["scale"], mask))
+        plates = frozenset(f.name for f in msg["cond_indep_stack"])
+        self.terms.append(Term(msg["name"], msg["fn"], value, msg["is_observed"], msg["scale"], mask, plates=plates))
 
 
 def symbolic_trace(model, args, kwargs, values: Dict[str, Tensor]) -> List[Term]:
