@@ -184,7 +184,19 @@ def psis(
       this needs the conditional's ``log_prob`` (a Gibbs-type sampler without it is refused);
     * a mixture guide (:class:`~pyro_cavi.miselbo.MixtureGuide`) is weighed with its mixture
       density :math:`\frac1A \sum_a q_a(\theta)`, not the density of one component;
-    * a model site the guide does not draw comes from its prior and cancels.
+    * a model site the guide does not draw comes from its prior and cancels;
+    * auxiliary variables an engine uses internally and that are not sites of the model
+      (CAVI's Pólya-Gamma variables) never enter: the ratio is against the model's own
+      :math:`p(\theta, y)`, so k-hat also judges the augmentation's mean-field error.
+
+    Example::
+
+        cavi = CAVI(model)
+        cavi.run(X, y)
+        res = psis(cavi, model, X, y, num_samples=2000)
+        res.khat, res.reading          # e.g. (0.81, "bad")
+        res.mean["w"], res.sd["w"]     # PSIS-corrected moments
+        res.resample(1000)             # importance-resampled draws
 
     :param fit_or_guide: a fitted engine with a ``.guide``, or a guide callable.
     :param model: the model, called with ``*args, **kwargs`` (with the data).
