@@ -179,7 +179,8 @@ def test_pyro_optim_groups_the_guide_parameters():
     for q in params:
         q.grad = torch.ones_like(q)
     optim = NGHVIOptim()
-    optim(params)
+    with pytest.warns(UserWarning, match="'other' is not the loc, cov_factor or scale"):
+        optim(params)
     kinds = {store.param_name(k): type(v).__name__ for k, v in optim.optim_objs.items()}
     assert kinds == {"G.loc": "NaturalGradientAdadelta", "other": "Adadelta"}
     assert isinstance(optim.optim_objs[params[0]].scale_transform, SoftplusTransform)

@@ -27,7 +27,7 @@ class HybridGuide:
     :param model: the Pyro model.
     :param local_sites: a local site name or a conditional sampler (as in ``HybridELBO``).
     :param int rank: number of factors ``p`` of the covariance (the paper uses ``p = 3``).
-    :param global_guide: an existing guide over the global sites (then ``rank`` and
+    :param global_guide: an existing guide over the global sites (then ``rank``, ``name`` and
         ``guide_kwargs`` are ignored).
     :param str name: prefix of the default guide's parameter names in Pyro's param store
         (``"<name>.loc"`` ...); give each of several live guides its own name.

@@ -5,6 +5,7 @@ parameters of :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal`.
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable
 
 import torch
@@ -211,6 +212,12 @@ class NGHVIOptim(PyroOptim):
                     self._grouped[m] = loc
             else:
                 args_ = self.pt_optim_args
+                if args_["natural_gradient"]:
+                    warnings.warn(
+                        f"NGHVIOptim: parameter '{name}' is not the loc, cov_factor or scale of an "
+                        "AutoLowRankMultivariateNormal guide; it gets ADADELTA on its ordinary gradient",
+                        stacklevel=2,
+                    )
                 self._make(
                     p, lambda: torch.optim.Adadelta([p], lr=1.0, rho=args_["rho"], eps=args_["eps"])
                 )
