@@ -188,12 +188,12 @@ def natural_gradient(
     def damped_fvp(vector: Tensor) -> Tensor:
         return fvp(vector) + damping * diag * vector
 
-    rhs = torch.cat([cov_factor_grad.reshape(-1), scale_grad])
+    rhs = torch.cat([cov_factor_grad, scale_grad.unsqueeze(-1)], 1).view(-1)
     result = conjugate_gradient(
         damped_fvp, rhs, preconditioner=(1.0 + damping) * diag, tol=cg_tol, max_iter=cg_max_iter
     )
-    x = result.solution
-    return NaturalGradient(ng_loc, x[: M * p].reshape(M, p), x[M * p :], result.num_iterations)
+    x = result.solution.view(M, p + 1)
+    return NaturalGradient(ng_loc, x[:, :p], x[:, p], result.num_iterations)
 
 
 def fisher_matvec(
@@ -201,20 +201,35 @@ def fisher_matvec(
 ) -> tuple[Callable[[Tensor], Tensor], Tensor]:
     """
     The undamped ``(W, u)`` Fisher-vector product and the diagonal of that block, as used by
-    :func:`natural_gradient` (exposed for testing and diagnostics).
+    :func:`natural_gradient` (exposed for testing and diagnostics).  Vectors are the rows of the
+    ``(M, p + 1)`` matrix ``[V_W, v_u]`` flattened: ``[V_W[0], v_u[0], V_W[1], v_u[1], ...]``.
+
+    The product pushes ``(V_W, v_u)`` forward to ``(V_B, v_d) = (diag(v_s) W + diag(s) V_W, v_s)``
+    with ``v_s = (ds/du) v_u``, applies :meth:`FactorGaussianFisher.fisher_vp` (inlined here, with
+    both precision products done in one pass) and pulls the result back:
+    ``g_W = diag(s) g_B``, ``g_u = (ds/du) (rowsum(g_B * W) + g_d)``.
     """
     M, p = cov_factor.shape
     s, W, t = scale, cov_factor, scale_derivative
     if fisher is None:
         fisher = FactorGaussianFisher(s.unsqueeze(-1) * W, s)
+    s_col, two_s = s.unsqueeze(-1), 2.0 * s
+    U, PB, BtPB, B = fisher.U, fisher.PB, fisher.BtPB, fisher.B
+    inv_d2_col, coef = fisher.inv_d2.unsqueeze(-1), fisher._diag_coef
 
     def fvp(vector: Tensor) -> Tensor:
-        v_W, v_u = vector[: M * p].reshape(M, p), vector[M * p :]
-        v_s = t * v_u
-        g_B, g_d = fisher.fisher_vp(v_s.unsqueeze(-1) * W + s.unsqueeze(-1) * v_W, v_s)
-        return torch.cat([(s.unsqueeze(-1) * g_B).reshape(-1), t * ((g_B * W).sum(-1) + g_d)])
+        V = vector.view(M, p + 1)
+        v_s = t * V[:, p]
+        a = two_s * v_s  # dSigma = V_B B^T + B V_B^T + diag(a)
+        X = torch.cat([torch.addcmul(v_s.unsqueeze(-1) * W, s_col, V[:, :p]), a.unsqueeze(-1) * PB], 1)
+        PX = inv_d2_col * X - U @ (U.T @ X)  # [P V_B, P diag(a) P B]
+        PV = PX[:, :p]
+        g_B = torch.addmm(torch.addmm(PX[:, p:], PV, BtPB), PB, PV.T @ B)
+        diag_W = 2.0 * (PV * PB).sum(-1) + a * coef + ((U @ (U.T @ (a.unsqueeze(-1) * U))) * U).sum(-1)
+        g_u = t * ((g_B * W).sum(-1) + s * diag_W)
+        return torch.cat([s_col * g_B, g_u.unsqueeze(-1)], 1).view(-1)
 
     diag_B, _ = fisher.fisher_diag()
     diag_s = fisher.precision_diag * (1.0 + W.pow(2).sum(-1)) + s.pow(-2)
-    diag = torch.cat([(s.pow(2).unsqueeze(-1) * diag_B).reshape(-1), t.pow(2) * diag_s])
+    diag = torch.cat([s.pow(2).unsqueeze(-1) * diag_B, (t.pow(2) * diag_s).unsqueeze(-1)], 1).view(-1)
     return fvp, diag
