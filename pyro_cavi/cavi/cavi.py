@@ -37,8 +37,7 @@ from tqdm.auto import tqdm
 import pyro
 import pyro.distributions as dist
 
-from .errors import NonConjugateError, _Densify
-from .expectations import latent_sites
+from .errors import _Densify
 from .factors import (
     PolyaGammaFactor,
     ReshapedMultivariateNormal,

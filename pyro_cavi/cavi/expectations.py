@@ -81,7 +81,6 @@ def _bil_second_moment(e: Bil, factors, mu) -> Tensor:
     occurrences are contracted with its first moment (once) or second moment (twice)."""
     lin = e.lin
     out = second_moment(lin, factors, mu)
-    letters = iter("abcdefghijklmnopqrstuvwxyz")
     pairs = list(e.pairs.items())
     # cross terms 2 E[lin * pair]
     for (sa, sb), (coef, ia, ib) in pairs:
@@ -113,7 +112,6 @@ def _bil_second_moment(e: Bil, factors, mu) -> Tensor:
                     operands.append(_block_second(site, idx, slots[partner][1], mu))
                     subs.append("..." + letter + slots[partner][2])
             out = out + torch.einsum(",".join(subs) + "->...", *operands)
-    # remove the (E lin)² double count: second_moment(lin) already holds E[lin²]
     return out
 
 

@@ -27,7 +27,7 @@ Categorical    one-hot(x)                        probs = softmax(g)
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.distributions as tdist
