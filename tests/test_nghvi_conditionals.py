@@ -164,3 +164,22 @@ def test_cavi_conditional_plugs_in_and_agrees_with_gaussian_conditional():
         lp_cavi = cavi.log_prob(linear_random_intercept, theta, z, X, group, G, y)
         lp_ours = ours.log_prob(linear_random_intercept, theta, z, X, group, G, y)
         assert torch.allclose(lp_cavi, lp_ours, rtol=1e-4, atol=1e-3)
+
+
+def test_simulators_follow_the_paper_designs():
+    train, test = simulate_linear_random_intercept(num_groups=40, group_size=10, sigma2_a=1.0)
+    assert train["X"].shape == (200, 6) and test["X"].shape == (200, 6)
+    assert torch.equal(train["X"][:, 0], torch.ones(200))
+    assert torch.equal(torch.bincount(train["group"]), torch.full((40,), 5))
+    # the covariates have the paper's correlation matrix (sampling error ~ 1/sqrt(400))
+    from models.mixed import RHO
+
+    X = torch.cat([train["X"], test["X"]])[:, 1:]
+    assert (torch.corrcoef(X.T) - RHO).abs().max() < 0.2
+    tr, val, te = simulate_deep_mixed(num_groups=30, group_size=10)
+    assert [len(d["y"]) for d in (tr, val, te)] == [180, 60, 60]
+    assert tr["alpha"].shape == (30, 6)
+    # the deep model's trace has the paper's global sites and a (groups x 6) local site
+    trace = pyro.poutine.trace(deep_mixed_model).get_trace(tr["X"], tr["group"], 30, tr["y"])
+    shapes = {n: tuple(s["value"].shape) for n, s in trace.nodes.items() if s["type"] == "sample" and n not in ("data", "groups")}
+    assert shapes == {"W1": (5, 6), "W2": (5, 6), "beta": (6,), "tau2": (6,), "sigma2_e": (), "alpha": (30, 6), "y": (180,)}
