@@ -42,6 +42,13 @@ def test_gaussian_conditional_linear_random_intercept_closed_form():
     assert torch.allclose(q.covariance_matrix[..., 0, 0], var, atol=1e-6)
 
 
+def test_gaussian_conditional_keeps_the_model_dtype():
+    X, group, G, y = _lmm_data()
+    theta = {"beta": torch.tensor([0.5, -1.0, 2.0]).double(), "sigma2_a": torch.tensor(0.7).double(), "sigma2_e": torch.tensor(1.3).double()}
+    z = GaussianConditional("alpha")(linear_random_intercept, theta, X.double(), group, G, y.double())
+    assert z["alpha"].dtype == torch.float64
+
+
 def test_gaussian_conditional_samples_have_the_conditional_moments():
     pyro.set_rng_seed(0)
     X, group, G, y = _lmm_data(num_groups=50)

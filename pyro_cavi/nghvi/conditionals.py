@@ -56,7 +56,11 @@ class _LocalLeafMessenger(Messenger):
             )
         shape = msg["fn"].shape()
         if self.value is None or self.value.shape != shape:  # no (or stale) value: start at zero
-            self.leaf = torch.zeros(shape, requires_grad=True)
+            try:
+                dtype = msg["fn"].mean.dtype
+            except NotImplementedError:
+                dtype = torch.get_default_dtype()
+            self.leaf = torch.zeros(shape, dtype=dtype, requires_grad=True)
         elif self.value.requires_grad:
             self.leaf = self.value
         else:
