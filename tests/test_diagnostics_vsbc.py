@@ -17,6 +17,7 @@ warnings.filterwarnings("ignore", module="arviz")
 
 def normal_normal(y):
     mu = pyro.sample("mu", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 2.0))
+    pyro.deterministic("mu_squared", mu**2)  # neither data nor a latent to calibrate
     with pyro.plate("data", len(y)):
         pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
 
@@ -40,6 +41,7 @@ def test_exact_cavi_on_normal_normal_is_calibrated():
     y = torch.zeros(10, dtype=torch.float64)
     res = vsbc(normal_normal, fit_cavi, y, num_datasets=100, num_draws=1000, seed=0)
     assert res.pit["mu"].shape == (100,)
+    assert set(res.pit) == {"mu"} and set(res.data) == {"y"}
     assert res.uniform_pvalue["mu"] > 0.05
     assert res.symmetry_pvalue["mu"] > 0.05
     assert abs(res.dispersion_z["mu"]) < 1.96

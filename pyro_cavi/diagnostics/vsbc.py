@@ -134,7 +134,11 @@ def calibration_tests(pit: np.ndarray):
 
 def _observed_sites(model, args, kwargs) -> set:
     tr = prune_subsample_sites(poutine.trace(model).get_trace(*args, **kwargs))
-    return {n for n, s in tr.nodes.items() if s["type"] == "sample" and s["is_observed"]}
+    return {
+        n
+        for n, s in tr.nodes.items()
+        if s["type"] == "sample" and s["is_observed"] and not s["infer"].get("_deterministic")
+    }
 
 
 def _simulate(model, observed: set, args, kwargs):
@@ -142,7 +146,7 @@ def _simulate(model, observed: set, args, kwargs):
     tr = prune_subsample_sites(poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs))
     latent, data = {}, {}
     for name, site in tr.nodes.items():
-        if site["type"] == "sample":
+        if site["type"] == "sample" and not site["infer"].get("_deterministic"):
             if name in observed:
                 data[name] = site["value"].detach()
             else:
