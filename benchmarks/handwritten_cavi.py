@@ -221,12 +221,17 @@ class MixtureCAVI:
 
     # -- initialisation
     def init_forgy(self, seed: int) -> "MixtureCAVI":
-        """The engine's seeding: ``K`` data points drawn by ``torch.randperm`` with a
-        ``torch.Generator`` seeded with ``seed``, one-hot responsibilities on them and zero
-        elsewhere, then one update of every factor."""
+        """The engine's ``init="forgy"`` seeding: from a ``torch.Generator`` seeded with
+        ``seed``, the engine first draws random means for its Gaussian factors (``K × D``
+        normals, overwritten before use), then ``K`` data points by ``torch.randperm``;
+        one-hot responsibilities on them and zero elsewhere, then one update of every factor."""
+        return self._init_from(self.forgy_points(seed))
+
+    def forgy_points(self, seed: int) -> np.ndarray:
+        """Indices of the data points :meth:`init_forgy` seeds from."""
         gen = torch.Generator().manual_seed(seed)
-        seeds = torch.randperm(self.N, generator=gen)[: self.K].numpy()
-        return self._init_from(seeds)
+        torch.randn((self.K, self.D), generator=gen)
+        return torch.randperm(self.N, generator=gen)[: self.K].numpy()
 
     def init_kmeans_pp(self, seed: int) -> "MixtureCAVI":
         """k-means++ seeds (NumPy ``default_rng(seed)``), then as :meth:`init_forgy`."""
