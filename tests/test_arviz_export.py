@@ -220,3 +220,29 @@ def test_svi_guides_as_chains_get_psis_elbo_estimates(data):
     lr = idata.sample_stats["log_ratio"].values
     np.testing.assert_allclose(est, lr.mean(1))
     assert idata.attrs["chain_elbo"] == est and idata.attrs["best_chain"] == int(np.argmax(est))
+
+
+def test_psis_export_of_an_nghvi_hybrid_guide():
+    """The exported draws of alpha are the ones the PSIS weights belong to."""
+    from models.mixed import linear_random_intercept, simulate_linear_random_intercept
+    from pyro_cavi.nghvi import HybridELBO, HybridGuide
+
+    train, _ = simulate_linear_random_intercept(num_groups=6, group_size=4, sigma2_a=1.0, seed=0)
+    args = (train["X"], train["group"], train["num_groups"], train["y"])
+    guide = HybridGuide(linear_random_intercept, "alpha", rank=1)
+    HybridELBO(guide.conditional).loss(linear_random_intercept, guide, *args)  # creates the parameters
+    idata = to_inference_data(guide, linear_random_intercept, *args, num_samples=12, psis=True)
+    assert idata.posterior["alpha"].shape == (1, 12, 6)
+    lr = idata.sample_stats["log_ratio"].values[0]
+    # the ratio is p(theta, y) / q(theta): recompute log p(theta, alpha, y) - log p(alpha | theta, y) - log q(theta)
+    post = idata.posterior
+    for s in range(2):
+        theta = {k: torch.as_tensor(post[k].values[0, s]) for k in ("beta", "sigma2_a", "sigma2_e")}
+        alpha = torch.as_tensor(post["alpha"].values[0, s])
+        joint = poutine.trace(poutine.condition(linear_random_intercept, data={**theta, "alpha": alpha})).get_trace(*args)
+        with torch.no_grad():
+            cond = guide.conditional.log_prob(linear_random_intercept, theta, {"alpha": alpha}, *args)
+            u = torch.cat([theta["beta"], theta["sigma2_a"].log()[None], theta["sigma2_e"].log()[None]])
+            log_q = guide.global_guide.get_posterior().log_prob(u) - u[-2:].sum()
+        ref = joint.log_prob_sum() - cond - log_q
+        assert lr[s] == pytest.approx(ref.item(), abs=1e-3)
