@@ -7,12 +7,14 @@
 - :func:`to_inference_data` -- export any fit to ArviZ; :mod:`pyro_cavi.diagnostics` -- PSIS, VSBC.
 """
 
+from . import diagnostics
 from .arviz_export import to_inference_data
 from .cavi import CAVI, CAVIConditional, CAVIResult, NonConjugateError
 from .distributions import StickBreakingCategorical
 from .forward_kl import AmortisedPosterior, ForwardKL
 from .miselbo import MISELBO, AmortizedMixtureGuide, MixtureEncoder, MixtureGuide, mis_log_likelihood
-from .nghvi import HybridELBO, NGHVIOptim, SGHVIOptim
+from .diagnostics import PSISResult, VSBCResult, chain_summary, plot_vsbc, psis, vsbc
+from .nghvi import GaussianConditional, HybridELBO, HybridGuide, NGHVIOptim, PolyaGammaGibbs, SGHVIOptim
 
 __all__ = [
     "AmortisedPosterior",
@@ -21,15 +23,25 @@ __all__ = [
     "CAVIConditional",
     "CAVIResult",
     "ForwardKL",
+    "GaussianConditional",
     "HybridELBO",
+    "HybridGuide",
     "MISELBO",
     "MixtureEncoder",
     "MixtureGuide",
     "NGHVIOptim",
     "NonConjugateError",
+    "PSISResult",
+    "PolyaGammaGibbs",
     "SGHVIOptim",
+    "VSBCResult",
+    "chain_summary",
+    "diagnostics",
     "StickBreakingCategorical",
     "mis_log_likelihood",
+    "plot_vsbc",
+    "psis",
     "to_inference_data",
+    "vsbc",
 ]
 __version__ = "0.1.0"
