@@ -100,3 +100,25 @@ def test_cavi_conditional_agrees_with_nghvi_gaussian_conditional_and_drives_hybr
     svi = SVI(model, guide, NGHVIOptim(), loss=HybridELBO(ours))
     losses = [svi.step(X, group, G, y) for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_hybrid_guide_with_cavi_conditional_runs_and_exports():
+    import pathlib
+    import sys
+
+    from pyro.infer import SVI
+
+    from pyro_cavi import HybridELBO, HybridGuide, NGHVIOptim, to_inference_data
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "models"))
+    import mixed
+
+    train, _ = mixed.simulate_linear_random_intercept(num_groups=20, group_size=4, seed=1)
+    X, y, group, G = train["X"].double(), train["y"].double(), train["group"], train["num_groups"]
+    pyro.clear_param_store()
+    guide = HybridGuide(mixed.linear_random_intercept, CAVIConditional(["alpha"]), rank=2)
+    svi = SVI(mixed.linear_random_intercept, guide, NGHVIOptim(), loss=HybridELBO(guide.conditional))
+    losses = [svi.step(X, group, G, y) for _ in range(30)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    idata = to_inference_data(guide, mixed.linear_random_intercept, X, group, G, y, num_samples=20)
+    assert idata.posterior["alpha"].shape == (1, 20, G)
