@@ -464,18 +464,30 @@ class CAVI:
             for name in discrete:
                 self._seed(name, gen, plus_plus=True)
         if discrete:
-            self._update_continuous()
+            self._update_continuous(seeding=True)
             for name in discrete:
                 self._update(name)
         self._initialised = True
 
-    def _update_continuous(self) -> None:
+    def _update_continuous(self, seeding: bool = False) -> None:
+        """Update every continuous factor. While seeding, the discrete sites give weight to the
+        seeds only, so continuous latents local to their plates (which would see no prior) keep
+        their initial values."""
+        local_plates = set()
+        if seeding:
+            for site in self.latents.values():
+                if site.family == "Categorical":
+                    local_plates |= site.plates
         for name, f in self.factors.items():
             if f.auxiliary:
                 self._update(name)
         for name, f in self.factors.items():
-            if not f.auxiliary and not f.discrete:
-                self._update(name)
+            if f.auxiliary or f.discrete:
+                continue
+            site = self.latents.get(name)
+            if seeding and site is not None and site.plates & local_plates:
+                continue
+            self._update(name)
 
     def _seed(self, name: str, gen, plus_plus: bool) -> None:
         f = self.factors[name]
@@ -494,7 +506,7 @@ class CAVI:
         probs[chosen[0], 0] = 1.0
         for j in range(1, k):
             f.set(probs.reshape(f.shape + (k,)))
-            self._update_continuous()
+            self._update_continuous(seeding=True)
             scores = self._natural_grads(name)[0].reshape(n, k)[:, :j].max(-1).values
             gap = (scores.max() - scores).clamp_min(0)
             gap[chosen] = 0
