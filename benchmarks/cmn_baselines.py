@@ -149,11 +149,11 @@ class _Draws:
 
 
 def fit_bbvi(X: torch.Tensor, y: torch.Tensor, num_experts: int = 20, num_steps: int = 3000, lr: float = 0.01,
-             seed: int = 0) -> BBVIFit:
+             seed: int = 0, **model_kwargs) -> BBVIFit:
     """Pyro SVI on ``cmn`` with ``z`` enumerated and an AutoNormal guide on the other latents."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    model = config_enumerate(functools.partial(cmn_model.cmn, num_experts=num_experts))
+    model = config_enumerate(functools.partial(cmn_model.cmn, num_experts=num_experts, **model_kwargs))
     guide = AutoNormal(poutine.block(model, hide=["z"]))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": lr}), TraceEnum_ELBO(max_plate_nesting=2))
     fit = BBVIFit(guide)

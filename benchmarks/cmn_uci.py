@@ -133,7 +133,7 @@ class _Clock:
 
 
 def run_cavi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
-    engine = CAVI(functools.partial(cmn.cmn, num_experts=K), seed=seed)
+    engine = CAVI(functools.partial(cmn.cmn, num_experts=K, prior_scale=args.prior_scale), seed=seed)
     with _Clock() as clock:
         result = engine.run(Xtr, ytr, num_steps=args.max_sweeps, tol=args.tol, progress=False)
     trace = engine.elbo_trace
@@ -166,7 +166,7 @@ def run_mle(Xtr, ytr, Xte, yte, K, seed, args, early_stopping: bool) -> dict:
 
 def run_bbvi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
     with _Clock() as clock:
-        fit = fit_bbvi(Xtr, ytr, K, num_steps=args.bbvi_steps, lr=args.bbvi_lr, seed=seed)
+        fit = fit_bbvi(Xtr, ytr, K, num_steps=args.bbvi_steps, lr=args.bbvi_lr, seed=seed, prior_scale=args.prior_scale)
     rec = _scores(bbvi_predict_proba(fit, Xtr, ytr, Xte, num_samples=args.num_samples), yte)
     rec.update(wall=clock.wall, cpu=clock.cpu, steps=args.bbvi_steps, elbo=float(np.mean(fit.elbo_trace[-100:])),
                wall_to_1pct=fit.time_to_final_elbo(0.01))
@@ -189,7 +189,8 @@ def benchmark(args) -> None:
                     rec = run_bbvi(Xtr, ytr, Xte, yte, K, seed, args)
                 else:
                     rec = run_mle(Xtr, ytr, Xte, yte, K, seed, args, early_stopping=method == "MLE+ES")
-                rec.update(dataset=name, seed=seed, method=method, K=K, dtype=args.dtype,
+                label = method if args.prior_scale == 1.0 or method.startswith("MLE") else f"{method} (prior scale {args.prior_scale:g})"
+                rec.update(dataset=name, seed=seed, method=label, K=K, dtype=args.dtype, prior_scale=args.prior_scale,
                            n_train=len(ytr), n_test=len(yte), max_sweeps=args.max_sweeps, tol=args.tol)
                 print(json.dumps(rec), flush=True)
                 with open(RUNS, "a") as f:
@@ -211,8 +212,9 @@ def report(path: pathlib.Path = RUNS) -> str:
     out.append("| data (K) | method | seeds | acc | LPD | ECE | wall s | CPU s | authors' acc | authors' LPD | authors' ECE |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|")
     summary = {}
+    labels = list(dict.fromkeys([m for m in METHODS] + sorted({m for (_, _, m) in latest})))
     for name in DATASETS:
-        for method in METHODS:
+        for method in labels:
             recs = [r for (d, s, m), r in sorted(latest.items()) if d == name and m == method]
             if not recs:
                 continue
@@ -313,6 +315,7 @@ def main() -> None:
     parser.add_argument("--bbvi-steps", type=int, default=3000)
     parser.add_argument("--bbvi-lr", type=float, default=0.02)
     parser.add_argument("--num-samples", type=int, default=200, help="posterior draws for predictive probabilities")
+    parser.add_argument("--prior-scale", type=float, default=1.0, help="prior scale of the CMN's Gaussian weights")
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--quick", action="store_true", help="pinwheels and sonar, seed 0, fewer steps")
     parser.add_argument("--report", action="store_true", help="print the tables from benchmarks/out/cmn_runs.jsonl")
