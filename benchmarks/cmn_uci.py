@@ -133,16 +133,17 @@ class _Clock:
 
 
 def run_cavi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
-    engine = CAVI(functools.partial(cmn.cmn, num_experts=K, prior_scale=args.prior_scale), seed=seed)
-    with _Clock() as clock:
-        result = engine.run(Xtr, ytr, num_steps=args.max_sweeps, tol=args.tol, progress=False)
+    with _Clock() as clock:  # the model file's own fitting recipe (its initialisation included)
+        engine = cmn.fit_cavi(Xtr, ytr, num_experts=K, num_steps=args.max_sweeps, tol=args.tol, seed=seed,
+                              prior_scale=args.prior_scale)
     trace = engine.elbo_trace
     sweeps = len(trace)
+    converged = sweeps < args.max_sweeps or abs(trace[-1] - trace[-2]) <= args.tol * max(1.0, abs(trace[-1]))
     final = trace[-1]
     # sweeps to within 1 % of the final ELBO (time scaled by sweeps: every sweep costs about the same)
     near = next(i for i, e in enumerate(trace) if e >= final - 0.01 * abs(final)) + 1
     rec = _scores(cmn.predict_proba(engine, Xte, num_samples=args.num_samples), yte)
-    rec.update(wall=clock.wall, cpu=clock.cpu, sweeps=sweeps, converged=bool(result.converged), elbo=final,
+    rec.update(wall=clock.wall, cpu=clock.cpu, sweeps=sweeps, converged=bool(converged), elbo=final,
                wall_per_200=clock.wall / sweeps * 200, cpu_per_200=clock.cpu / sweeps * 200,
                wall_to_1pct=clock.wall * near / sweeps)
     return rec
@@ -178,6 +179,9 @@ def benchmark(args) -> None:
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
     RUNS.parent.mkdir(exist_ok=True)
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
     for name in args.datasets:
         K = DATASETS[name][1]
         for seed in args.seeds:
@@ -190,7 +194,7 @@ def benchmark(args) -> None:
                 else:
                     rec = run_mle(Xtr, ytr, Xte, yte, K, seed, args, early_stopping=method == "MLE+ES")
                 label = method if args.prior_scale == 1.0 or method.startswith("MLE") else f"{method} (prior scale {args.prior_scale:g})"
-                rec.update(dataset=name, seed=seed, method=label, K=K, dtype=args.dtype, prior_scale=args.prior_scale,
+                rec.update(dataset=name, seed=seed, method=label, commit=commit, K=K, dtype=args.dtype, prior_scale=args.prior_scale,
                            n_train=len(ytr), n_test=len(yte), max_sweeps=args.max_sweeps, tol=args.tol)
                 print(json.dumps(rec), flush=True)
                 with open(RUNS, "a") as f:
