@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .factors import ExpFamilyFactor, _NotASufficientStatistic
+from . import symbolic
 from .symbolic import Bil, Expr, Lin, Poison, Pos, describe
 
 Tensor = torch.Tensor
@@ -130,9 +131,36 @@ def mean(x, factors: Dict[str, ExpFamilyFactor], mu: Moments) -> Tensor:
     for s, coef, idx, f, m, M in _lin_terms(e, factors, mu):
         if f.num_blocks == 1:
             out = out + coef @ m[0]
-        else:
+            continue
+        layout = _mean_layout(coef, idx, e.shape, m.shape[0])
+        if layout is None:
             out = out + (coef * m[idx]).sum(-1)
+        else:  # rows grouped by block: one batched product instead of a gather of block means
+            rows, unsort = layout
+            out = out + (rows @ m.unsqueeze(-1)).reshape(-1)[unsort].reshape(e.shape)
     return out
+
+
+def _mean_layout(coef: Tensor, idx: Tensor, shape: torch.Size, num_blocks: int):
+    """Coefficient rows sorted by block, as ``(num_blocks, rows_per_block, n_e)``, and the
+    permutation back; cached for the engine's evaluations (None when blocks differ in size)."""
+    store = symbolic._MEMO
+    key = ("mean-layout", id(coef), id(idx), tuple(shape))
+    if store is not None:
+        hit = store.get(key)
+        if hit is not None and hit[0] is coef and hit[1] is idx:
+            return hit[2]
+    flat_idx = idx.expand(shape).reshape(-1)
+    counts = torch.bincount(flat_idx, minlength=num_blocks)
+    layout = None
+    if bool((counts == counts[0]).all()) and counts[0] > 0:
+        perm = torch.argsort(flat_idx, stable=True)
+        ne = coef.shape[-1]
+        rows = coef.expand(shape + (ne,)).reshape(-1, ne)[perm].reshape(num_blocks, -1, ne)
+        layout = (rows, torch.argsort(perm))
+    if store is not None:
+        store[key] = (coef, idx, layout)
+    return layout
 
 
 def variance(x, factors, mu) -> Tensor:
