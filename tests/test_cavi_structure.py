@@ -318,3 +318,21 @@ def test_subsample_scale_weights_the_likelihood():
     m, s = _normal_posterior(torch.cat([y, y]))
     assert float(cavi.posterior["mu"].mean) == pytest.approx(float(m), rel=1e-12)
     assert float(cavi.posterior["mu"].stddev) == pytest.approx(float(s), rel=1e-12)
+
+
+@pytest.mark.parametrize("how", ["setitem", "add_", "numpy"])
+def test_in_place_or_numpy_use_of_a_latent_is_refused(how):
+    def model(y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        if how == "setitem":
+            w[0] = 0.0
+            loc = w.sum()
+        elif how == "add_":
+            w.add_(1.0)
+            loc = w.sum()
+        else:
+            loc = torch.as_tensor(w.numpy().sum())
+        pyro.sample("y", dist.Normal(loc, 1.0), obs=y)
+
+    with pytest.raises(NonConjugateError, match="'w'"):
+        CAVI(model).step(torch.tensor(0.5))

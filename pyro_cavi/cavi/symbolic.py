@@ -168,6 +168,14 @@ class Sym(torch.Tensor):
 
     @classmethod
     def _dispatch(cls, func, args, kwargs):
+        name = getattr(func, "__name__", "")
+        if (name == "__setitem__" or (name.endswith("_") and not name.startswith("_"))) and args and isinstance(args[0], Sym):
+            from .errors import NonConjugateError
+
+            raise NonConjugateError(
+                f"the model modifies the latent value of {describe(args[0]._expr)} in place ({name}); "
+                "CAVI needs latent values used through ordinary (out-of-place) tensor operations"
+            )
         raw_args = _unwrap(args)
         raw_kwargs = _unwrap(kwargs)
         with torch._C.DisableTorchFunctionSubclass():
@@ -202,7 +210,7 @@ class Sym(torch.Tensor):
         return _wrap(result, expr)
 
 
-_TO_PYTHON = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__len__"}
+_TO_PYTHON = {"__bool__", "item", "tolist", "__int__", "__float__", "__index__", "__len__", "numpy", "__array__"}
 _PASSTHROUGH = {"size", "dim", "numel", "stride", "data_ptr", "__repr__", "__format__", "is_contiguous"}
 
 
