@@ -205,6 +205,10 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
     if isinstance(e, Bil):
         sq = second_moment(x, factors, mu)
         return (weight * sq).expand(torch.broadcast_shapes(weight.shape, sq.shape)).sum()
+    if isinstance(e, Lin) and e.terms:
+        small = _coefficient_shape(e)
+        if small.numel() * 2 <= e.shape.numel():
+            return _reduced_second_moment(e, small, weight, factors, mu, cache)
     m = mean(x, factors, mu)
     total = (weight * m * m).sum()
     if not isinstance(e, Lin):
@@ -224,6 +228,71 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
             a = coef.expand(full + coef.shape[-1:]).reshape(-1, coef.shape[-1])
             wa = weight.expand(full).reshape(-1, 1) * a
             total = total + ((wa.mT @ a) * cov[0]).sum()
+    return total
+
+
+def _coefficient_shape(e: Lin) -> torch.Size:
+    """The shape over which the latent part of ``e`` varies (its coefficients and block indices,
+    as stored, before broadcasting against the constant part)."""
+    shapes = [_effective_shape(coef)[:-1] for coef, _ in e.terms.values()]
+    shapes += [_effective_shape(idx) for _, idx in e.terms.values()]
+    small = torch.broadcast_shapes(*shapes)
+    return torch.Size((1,) * (len(e.shape) - len(small)) + tuple(small))
+
+
+def _effective_shape(t: Tensor) -> torch.Size:
+    """The shape of ``t`` with broadcast (stride-0, expanded) dimensions counted as 1."""
+    return torch.Size(n if st != 0 else 1 for n, st in zip(t.shape, t.stride()))
+
+
+def _shrink(t: Tensor, shape: torch.Size, trailing: int = 0) -> Tensor:
+    """View of a broadcast tensor restricted to ``shape`` (+ ``trailing`` dims kept)."""
+    lead = t.dim() - trailing - len(shape)
+    if lead > 0:
+        t = t.reshape(t.shape[lead:]) if all(n == 1 for n in t.shape[:lead]) else t[(0,) * lead]
+    for d, n in enumerate(shape):
+        if n == 1 and t.shape[d] != 1:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def _sum_over(t: Tensor, full: torch.Size, small: torch.Size) -> Tensor:
+    """Sum ``t`` (broadcast to ``full``) down to ``small`` (right-aligned, sizes 1 or equal)."""
+    t = t.expand(full)
+    lead = len(full) - len(small)
+    dims = list(range(lead)) + [lead + i for i, n in enumerate(small) if n == 1 and full[lead + i] > 1]
+    if dims:
+        t = t.sum(dims, keepdim=True)
+    return t.reshape(small)
+
+
+def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
+    r"""Weighted second moment when the latent part varies over fewer dimensions than the
+    constant part (``y_n - locs[z]``: data along n, latents along k only). With
+    :math:`d = c + \mu` and :math:`\mu, \mathrm{Var}(d)` constant along the data dimensions,
+    :math:`\sum w (c + \mu)^2 = \sum w c^2 + 2 \sum \bar{(wc)} \mu + \sum \bar w \mu^2`, where the
+    bars sum over those dimensions first: O(N K D) instead of O(N K D²) and no gathers."""
+    full = torch.broadcast_shapes(weight.shape, e.shape)
+    c = e.const.expand(e.shape)
+    total = (weight * c * c).expand(full).sum()
+    small_full = torch.Size((1,) * (len(full) - len(small)) + tuple(small))
+    w_small = _sum_over(weight, full, small_full)
+    wc_small = _sum_over(weight * c, full, small_full)
+    terms = {}
+    for s, (coef, idx) in e.terms.items():
+        coef = coef.expand(e.shape + coef.shape[-1:])
+        idx = idx.expand(e.shape)
+        terms[s] = (_shrink(coef, small, 1), _shrink(idx, small))
+    latent = Lin(torch.zeros((), dtype=e.const.dtype, device=e.const.device), terms, small)
+    mu_small = mean(latent, factors, mu)
+    total = total + 2 * (wc_small * mu_small).sum() + (w_small * mu_small * mu_small).sum()
+    for s, coef, idx, f, mm, M in _lin_terms(latent, factors, mu):
+        cov = M - mm.unsqueeze(-1) * mm.unsqueeze(-2)
+        if f.num_blocks == 1:
+            a = coef.expand(small + coef.shape[-1:])
+            total = total + (w_small * ((a @ cov[0]) * a).sum(-1)).sum()
+        else:
+            total = total + _blocked_quadratic(coef, idx, small, small, w_small, cov, cache)
     return total
 
 

@@ -334,12 +334,23 @@ def _lin_from_const(c: Tensor) -> Lin:
     return Lin(c, {}, c.shape)
 
 
+def _times(t: Tensor, factor: float) -> Tensor:
+    """``t * factor`` that keeps broadcast (stride-0) dimensions broadcast instead of materialising them."""
+    if factor == 1.0:
+        return t
+    base = t
+    for d, st in enumerate(t.stride()):
+        if st == 0 and base.shape[d] != 1:
+            base = base.narrow(d, 0, 1)
+    return (base * factor).expand(t.shape)
+
+
 def _lin_add(a: Lin, b: Lin, shape: torch.Size, sign: float = 1.0) -> Lin:
     terms = dict()
     for s, (coef, idx) in a.terms.items():
         terms[s] = (coef, idx)
     for s, (coef, idx) in b.terms.items():
-        coef = coef * sign
+        coef = _times(coef, sign)
         if s in terms:
             ca, ia = terms[s]
             ia_, ib_ = torch.broadcast_tensors(ia, idx)
