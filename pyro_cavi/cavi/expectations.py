@@ -240,6 +240,17 @@ def _coefficient_shape(e: Lin) -> torch.Size:
     return torch.Size((1,) * (len(e.shape) - len(small)) + tuple(small))
 
 
+def _compact_apply(fn, t: Tensor) -> Tensor:
+    """``fn(t)`` evaluated once per distinct element of a broadcast (expanded) tensor."""
+    if not isinstance(t, Tensor) or 0 not in t.stride():
+        return fn(t)
+    base = t
+    for d, st in enumerate(t.stride()):
+        if st == 0 and base.shape[d] != 1:
+            base = base.narrow(d, 0, 1)
+    return fn(base).expand(t.shape)
+
+
 def _effective_shape(t: Tensor) -> torch.Size:
     """The shape of ``t`` with broadcast (stride-0, expanded) dimensions counted as 1."""
     return torch.Size(n if st != 0 else 1 for n, st in zip(t.shape, t.stride()))
@@ -386,7 +397,7 @@ def mean_log(x, factors, mu) -> Tensor:
     """:math:`E_q[\\log x]`."""
     e = _pos(x)
     if not isinstance(e, Expr):
-        return torch.log(e)
+        return _compact_apply(torch.log, e)
     out = torch.log(e.scale.expand(e.shape))
     for g in e.factors:
         f = factors[g.site]
@@ -402,7 +413,7 @@ def mean_log1m(x, factors, mu) -> Tensor:
     """:math:`E_q[\\log(1 - x)]` (a Beta latent's second statistic)."""
     e = _pos(x)
     if not isinstance(e, Expr):
-        return torch.log1p(-e)
+        return _compact_apply(lambda t: torch.log1p(-t), e)
     if len(e.factors) == 1 and not e.factors[0].complement and e.factors[0].power == 1.0 and torch.all(e.scale == 1):
         g = e.factors[0]
         f = factors[g.site]
@@ -420,7 +431,7 @@ def mean_pow(x, power: float, factors, mu) -> Tensor:
     """:math:`E_q[x^{q}]` for a monomial of independent positive latents."""
     e = _pos(x)
     if not isinstance(e, Expr):
-        return e ** power
+        return _compact_apply(lambda t: t ** power, e)
     out = e.scale.expand(e.shape) ** power
     for g in e.factors:
         f = factors[g.site]
