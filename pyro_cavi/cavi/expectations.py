@@ -277,6 +277,23 @@ def _sum_over(t: Tensor, full: torch.Size, small: torch.Size) -> Tensor:
     return t.reshape(small)
 
 
+def _latent_part(e: Lin, small: torch.Size) -> Lin:
+    """The latent terms of ``e`` restricted to the shape they vary over (cached per expression)."""
+    store = symbolic._MEMO
+    key = ("latent-part", id(e))
+    if store is not None and key in store and store[key][0] is e:
+        return store[key][1]
+    terms = {}
+    for s, (coef, idx) in e.terms.items():
+        coef = coef.expand(e.shape + coef.shape[-1:])
+        idx = idx.expand(e.shape)
+        terms[s] = (_shrink(coef, small, 1), _shrink(idx, small))
+    latent = Lin(torch.zeros((), dtype=e.const.dtype, device=e.const.device), terms, small)
+    if store is not None:
+        store[key] = (e, latent)
+    return latent
+
+
 def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
     r"""Weighted second moment when the latent part varies over fewer dimensions than the
     constant part (``y_n - locs[z]``: data along n, latents along k only). With
@@ -289,12 +306,7 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
     small_full = torch.Size((1,) * (len(full) - len(small)) + tuple(small))
     w_small = _sum_over(weight, full, small_full)
     wc_small = _sum_over(weight * c, full, small_full)
-    terms = {}
-    for s, (coef, idx) in e.terms.items():
-        coef = coef.expand(e.shape + coef.shape[-1:])
-        idx = idx.expand(e.shape)
-        terms[s] = (_shrink(coef, small, 1), _shrink(idx, small))
-    latent = Lin(torch.zeros((), dtype=e.const.dtype, device=e.const.device), terms, small)
+    latent = _latent_part(e, small)
     mu_small = mean(latent, factors, mu)
     total = total + 2 * (wc_small * mu_small).sum() + (w_small * mu_small * mu_small).sum()
     for s, coef, idx, f, mm, M in _lin_terms(latent, factors, mu):
