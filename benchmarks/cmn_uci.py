@@ -262,6 +262,7 @@ def report(path: pathlib.Path = RUNS) -> str:
 def scaling(args) -> None:
     """Seconds per CAVI sweep (and per SVI step) against input dimension D and number of experts K."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -296,6 +297,10 @@ def scaling(args) -> None:
         ax.plot(xs, [200 * s for _, s in ys], "s--", label="SVI: 200 steps")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        ax.set_xticks(xs)
         ax.set_xlabel(label)
         ax.set_ylabel("CPU seconds")
         ax.grid(alpha=0.3)
