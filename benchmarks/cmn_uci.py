@@ -22,7 +22,7 @@ sweeps (and SVI steps) against input dimension and number of experts and draws a
 
 Run::
 
-    python benchmarks/cmn_uci.py --quick                      # pinwheels + sonar, one seed, a few minutes
+    python benchmarks/cmn_uci.py --quick     # pinwheels + sonar, seed 0, a few minutes (own record file)
     python benchmarks/cmn_uci.py --datasets banknote rice --seeds 0 1
     python benchmarks/cmn_uci.py --report                     # tables from all records so far
     python benchmarks/cmn_uci.py --scaling
@@ -174,11 +174,11 @@ def run_bbvi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
     return rec
 
 
-def benchmark(args) -> None:
+def benchmark(args, runs: pathlib.Path = RUNS) -> None:
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     torch.set_default_dtype(dtype)
-    RUNS.parent.mkdir(exist_ok=True)
+    runs.parent.mkdir(exist_ok=True)
     import subprocess
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
@@ -197,7 +197,7 @@ def benchmark(args) -> None:
                 rec.update(dataset=name, seed=seed, method=label, commit=commit, K=K, dtype=args.dtype, prior_scale=args.prior_scale,
                            n_train=len(ytr), n_test=len(yte), max_sweeps=args.max_sweeps, tol=args.tol)
                 print(json.dumps(rec), flush=True)
-                with open(RUNS, "a") as f:
+                with open(runs, "a") as f:
                     f.write(json.dumps(rec) + "\n")
 
 
@@ -349,12 +349,14 @@ def main() -> None:
     if args.scaling:
         scaling(args)
         return
-    if args.quick:
+    runs = RUNS
+    if args.quick:  # a separate record file, so that quick settings never mix with the full runs
         args.datasets, args.seeds = ["pinwheels", "sonar"], [0]
         args.max_sweeps, args.mle_steps, args.bbvi_steps = 200, 2000, 1000
-    benchmark(args)
+        runs = RUNS.with_name("cmn_runs_quick.jsonl")
+    benchmark(args, runs)
     print()
-    print(report())
+    print(report(runs))
 
 
 if __name__ == "__main__":
