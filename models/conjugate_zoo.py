@@ -78,7 +78,11 @@ def main(seed: int = 0) -> None:
     problems = [
         ("Bayesian linear regression", bayesian_regression, (X, y), dict(num_restarts=1)),
         ("Gaussian mixture, K=3", gaussian_mixture, (Y,), dict(num_restarts=3, seed=seed)),
-        ("random intercepts", random_intercepts, (x, group, yg), dict(num_restarts=1)),
+        ("random intercepts (mean-field)", random_intercepts, (x, group, yg), dict(num_restarts=1)),
+        # intercept, slope and group effects are strongly correlated a posteriori: one joint
+        # Gaussian factor over them is exact given the precisions and converges in a few sweeps
+        ("random intercepts (joint Gaussian over b0, b1, u)", random_intercepts, (x, group, yg),
+         dict(joint=[("b0", "b1", "u")])),
         ("hierarchical Gamma-Poisson", poisson_rates, (counts, exposure), dict(num_restarts=1)),
     ]
     for title, model, args, opts in problems:
