@@ -52,6 +52,7 @@ from .factors import (
 from ..distributions.stick_breaking import StickBreakingCategorical
 from .rules import expected_log_prob, has_latent_logits, pg_name, unwrap
 from .symbolic import Lin, Sym, identity_lin, identity_pos, memoize
+from .restarts import RestartBatch, run_batched
 from .tracing import LatentSite, Term, prior_structure, symbolic_trace
 
 Tensor = torch.Tensor
@@ -74,6 +75,7 @@ class CAVIResult:
     converged: bool
     restart: int = 0
     restart_elbos: List[float] = field(default_factory=list)
+    restart_traces: List[List[float]] = field(default_factory=list)
 
 
 class CAVI:
@@ -84,6 +86,10 @@ class CAVI:
         ``None`` uses Pyro's global RNG, so results follow ``pyro.set_rng_seed``.
     :param num_restarts: :meth:`run` fits from this many initialisations and keeps the
         one with the best ELBO.
+    :param batch_restarts: fit the restarts together, every sweep vectorised over them
+        (:mod:`.restarts`; the same fits as one after another, at a fraction of the cost).
+        ``None`` (default) batches them whenever ``num_restarts > 1`` and the model has no
+        subsampled plate and no ``shard_plate``; ``False`` runs them one after another.
     :param step_size: ``(tau, kappa)`` of the Robbins-Monro step size
         :math:`\\rho_t = (t + \\tau)^{-\\kappa}` used when the model subsamples a plate
         (stochastic CAVI, Hoffman et al. 2013).
@@ -109,6 +115,7 @@ class CAVI:
     """
 
     def __init__(self, model, *, seed: Optional[int] = None, num_restarts: int = 1,
+                 batch_restarts: Optional[bool] = None,
                  joint: Sequence[Sequence[str]] = (), init: str = "kmeans++",
                  step_size: tuple = (1.0, 0.7), local_iters: int = 3, shard_plate: Optional[str] = None):
         if init not in ("kmeans++", "forgy"):
@@ -122,8 +129,15 @@ class CAVI:
         self.shard_plate = shard_plate
         self.stochastic = False
         self._t = 0
-        if num_restarts < 1:
-            raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
+        if isinstance(num_restarts, bool) or not isinstance(num_restarts, int) or num_restarts < 1:
+            raise ValueError(f"num_restarts must be an integer >= 1, got {num_restarts!r}")
+        if batch_restarts not in (None, True, False):
+            raise ValueError(f"batch_restarts must be None, True or False, got {batch_restarts!r}")
+        if batch_restarts and shard_plate is not None:
+            raise ValueError("batch_restarts=True cannot be combined with shard_plate; use batch_restarts=False")
+        self.batch_restarts = batch_restarts
+        self._batch: Optional[RestartBatch] = None  # set while restarts are swept together
+        self._restart_states: list = []
         self.joint = [tuple(g) for g in joint]
         seen = set()
         for group in self.joint:
@@ -336,6 +350,11 @@ class CAVI:
         return expected_log_prob(term.name, term.fn, term.value, self.factors, mu, weight=weight, cache=self._cache)
 
     def _expected_log_joint(self, terms, mu) -> Tensor:
+        if self._batch is not None:  # summed over restarts: its gradient is each restart's own
+            return self._batch.expected_log_joint(self._expected_log_joint_one, terms, mu).sum()
+        return self._expected_log_joint_one(terms, mu)
+
+    def _expected_log_joint_one(self, terms, mu) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         with memoize(self._memo):
             for t in terms:
@@ -347,6 +366,9 @@ class CAVI:
         entropies scaled like their data)."""
         with torch.no_grad():
             mu = self._moments()
+            if self._batch is not None:  # one ELBO per restart
+                return (self._batch.expected_log_joint(self._expected_log_joint_one, self.terms, mu)
+                        + self._batch.entropies(self.factors))
             if self.shard_plate is None:
                 h = sum(f.entropy() * self._entropy_scale(name) for name, f in self.factors.items())
                 return self._expected_log_joint(self.terms, mu) + h
@@ -525,15 +547,18 @@ class CAVI:
         self._initialised = False
         self.elbo_trace = []
 
+    def _ensure_initialised(self) -> None:
+        if not self._initialised:
+            if self.seed is not None and self._generator is None:
+                self._generator = torch.Generator().manual_seed(self.seed)
+            self._initialise()
+
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def step(self, *args, **kwargs) -> float:
         """One sweep over every factor; returns ``-ELBO`` (exact, closed form)."""
         self._prepare(args, kwargs)
-        if not self._initialised:
-            if self.seed is not None and self._generator is None:
-                self._generator = torch.Generator().manual_seed(self.seed)
-            self._initialise()
+        self._ensure_initialised()
         if self.stochastic:
             self._stochastic_step()
         else:
@@ -563,21 +588,52 @@ class CAVI:
         which the ELBO of a float32 fit stops changing.
 
         With ``num_restarts > 1`` the fit is repeated from fresh initialisations and the
-        one with the highest ELBO is kept.
+        one with the highest ELBO is kept (:meth:`select_restart` switches to another);
+        the restarts are swept together, vectorised, unless ``batch_restarts=False``
+        (see :mod:`.restarts`). Restart ``r`` starts from the same initialisation either way.
         """
-        best, best_state, elbos = None, None, []
+        if self.num_restarts > 1 and self.batch_restarts is not False:
+            fresh = self._key is None
+            self._prepare(args, kwargs)
+            if not self.stochastic and self.shard_plate is None:
+                return run_batched(self, args, kwargs, num_steps, tol, progress, fresh)
+            if self.batch_restarts:
+                raise ValueError("batch_restarts=True: a model with a subsampled plate (stochastic CAVI) "
+                                 "cannot batch its restarts; use batch_restarts=False")
+            # (a model prepared just now has fresh factors: restart 0 below needs no reset)
+        best, best_state, elbos, traces, states = None, None, [], [], []
         for restart in range(self.num_restarts):
             if restart > 0 or self._key is None:
                 self._prepare(args, kwargs)
                 self._reset()
             result = self._run_once(args, kwargs, num_steps, tol, progress, restart)
             elbos.append(result.elbo)
+            traces.append(result.elbo_trace)
+            if self.num_restarts > 1:
+                states.append(self._state())
             if best is None or result.elbo > best.elbo:
-                best, best_state = result, self._state()
+                best, best_state = result, states[-1] if states else None
         if self.num_restarts > 1:
             self._load_state(best_state)
+            self._restart_states = states
         best.restart_elbos = elbos
+        best.restart_traces = traces
         return best
+
+    def select_restart(self, restart: int) -> None:
+        """Make restart ``restart`` of the last :meth:`run` the current fit (``run`` keeps the
+        one with the highest ELBO): ``posterior``, ``guide``, ``summary`` and further
+        ``step`` calls then follow it."""
+        if not self._restart_states:
+            if restart == 0 and self.factors:
+                return
+            raise RuntimeError("select_restart: call run() with num_restarts > 1 first")
+        if isinstance(restart, bool) or not isinstance(restart, int) or not 0 <= restart < len(self._restart_states):
+            raise ValueError(f"select_restart: restart must be an integer in [0, {len(self._restart_states)}), got {restart!r}")
+        import copy
+
+        factors, trace = self._restart_states[restart]
+        self._load_state((copy.deepcopy(factors), list(trace)))
 
     def _run_once(self, args, kwargs, num_steps, tol, progress, restart) -> CAVIResult:
         prev = None

@@ -221,7 +221,7 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
             total = total + _blocked_quadratic(coef, idx, e.shape, full, weight, cov, cache)
             continue
         w = weight.detach()
-        if reps == 1 and (w.numel() == 1 or bool((w == w.reshape(-1)[0]).all())):
+        if reps == 1 and (w.numel() == 1 or (not _is_batched(w) and bool((w == w.reshape(-1)[0]).all()))):
             gram = _gram(coef, e.shape, cache)
             total = total + weight.reshape(-1)[0] * (gram * cov[0]).sum()
         else:
@@ -229,6 +229,13 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
             wa = weight.expand(full).reshape(-1, 1) * a
             total = total + ((wa.mT @ a) * cov[0]).sum()
     return total
+
+
+def _is_batched(t: Tensor) -> bool:
+    """Whether ``t`` varies over a dimension hidden by :func:`torch.func.vmap` (restarts swept
+    together, :mod:`.restarts`): its values cannot steer control flow, so shortcuts that test
+    them are skipped (the general path computes the same sum)."""
+    return torch._C._functorch.is_batchedtensor(t)
 
 
 def _coefficient_shape(e: Lin) -> torch.Size:
