@@ -89,7 +89,8 @@ class CAVI:
     :param batch_restarts: fit the restarts together, every sweep vectorised over them
         (:mod:`.restarts`; the same fits as one after another, at a fraction of the cost).
         ``None`` (default) batches them whenever ``num_restarts > 1`` and the model has no
-        subsampled plate and no ``shard_plate``; ``False`` runs them one after another.
+        subsampled plate and no ``shard_plate``; ``False`` runs them one after another;
+        ``True`` insists (and runs even a single restart through the batched sweep).
     :param step_size: ``(tau, kappa)`` of the Robbins-Monro step size
         :math:`\\rho_t = (t + \\tau)^{-\\kappa}` used when the model subsamples a plate
         (stochastic CAVI, Hoffman et al. 2013).
@@ -592,7 +593,7 @@ class CAVI:
         the restarts are swept together, vectorised, unless ``batch_restarts=False``
         (see :mod:`.restarts`). Restart ``r`` starts from the same initialisation either way.
         """
-        if self.num_restarts > 1 and self.batch_restarts is not False:
+        if self.batch_restarts or (self.num_restarts > 1 and self.batch_restarts is None):
             fresh = self._key is None
             self._prepare(args, kwargs)
             if not self.stochastic and self.shard_plate is None:
