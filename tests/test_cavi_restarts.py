@@ -224,3 +224,35 @@ def test_bad_batch_restarts_and_select_restart():
     for bad in (2, -1, 1.0):
         with pytest.raises(ValueError, match=f"restart must be an integer in \\[0, 2\\), got {bad!r}"):
             cavi.select_restart(bad)
+
+
+def test_one_restart_through_the_batched_sweep_is_the_single_fit():
+    Y = _gmm_data(n=120)
+    single = CAVI(zoo.gaussian_mixture, seed=5)
+    a = single.run(Y, num_steps=80, tol=1e-10, progress=False)
+    batched = CAVI(zoo.gaussian_mixture, seed=5, batch_restarts=True)
+    b = batched.run(Y, num_steps=80, tol=1e-10, progress=False)
+    assert len(a.elbo_trace) == len(b.elbo_trace) and a.converged and b.converged
+    assert b.elbo_trace == pytest.approx(a.elbo_trace, rel=1e-12)
+    assert b.restart_elbos == pytest.approx(a.restart_elbos, rel=1e-12)
+    for name in ("weights", "locs"):
+        for x, y in zip(_moments(batched.posterior[name]), _moments(single.posterior[name])):
+            assert torch.allclose(x, y, rtol=1e-9, atol=1e-10)
+
+
+def test_restarts_as_chains():
+    Y = _four_clusters()
+    cavi = CAVI(_three_components, seed=0, num_restarts=4, init="forgy")
+    result = cavi.run(Y, num_steps=300, tol=1e-10, progress=False)
+    fits = cavi.restart_fits()
+    assert [f.elbo_trace for f in fits] == result.restart_traces
+    for r, f in enumerate(fits):
+        assert -f.evaluate_loss(Y) == pytest.approx(result.restart_elbos[r], rel=1e-12)
+    idata = to_inference_data(fits, _three_components, Y, num_samples=30)
+    assert idata.posterior["loc"].shape == (4, 30, 3)
+    assert idata.attrs["chain_elbo"] == pytest.approx(result.restart_elbos)
+    assert idata.attrs["best_chain"] == result.restart
+    # the engine itself still holds the best restart
+    assert cavi.elbo_trace == result.elbo_trace
+    with pytest.raises(RuntimeError, match="call run\\(\\) with num_restarts > 1 first"):
+        CAVI(_three_components).restart_fits()

@@ -660,6 +660,21 @@ class CAVI:
     def _load_state(self, state) -> None:
         self.factors, self.elbo_trace = state
 
+    def restart_fits(self) -> List["CAVI"]:
+        """Every restart of the last :meth:`run` as an engine of its own (sharing this one's
+        model structure), e.g. ``to_inference_data(cavi.restart_fits(), model, *args)`` for
+        the restarts as chains."""
+        import copy
+
+        if not self._restart_states:
+            raise RuntimeError("restart_fits: call run() with num_restarts > 1 first")
+        fits = []
+        for factors, trace in self._restart_states:
+            fit = copy.copy(self)
+            fit.factors, fit.elbo_trace, fit._restart_states = copy.deepcopy(factors), list(trace), []
+            fits.append(fit)
+        return fits
+
     @property
     def posterior(self) -> Dict[str, torch.distributions.Distribution]:
         """Latent site name -> the fitted factor as a torch distribution with the site's shape."""
