@@ -35,6 +35,7 @@ import torch.distributions as tdist
 import pyro.distributions as dist
 
 from .errors import NonConjugateError
+from .symbolic import compact
 
 Tensor = torch.Tensor
 
@@ -102,7 +103,8 @@ class ExpFamilyFactor:
 
 
 def _gather(t: Tensor, index: Tensor) -> Tensor:
-    return t.reshape(-1)[index]
+    """``t.reshape(-1)[index]``, looked up once per distinct index of a broadcast ``index``."""
+    return t.reshape(-1)[compact(index)].expand(index.shape)
 
 
 class GaussianFactor(ExpFamilyFactor):
