@@ -443,10 +443,12 @@ class CAVI:
         """Draw Gaussian means at random, then seed every discrete site from data points.
 
         Seeding (``init="kmeans++"``, the default) gives each category one batch element of
-        its own, chosen as k-means++ does: the first at random, each next one with
-        probability proportional to how badly the current seeds explain it (the gap in
-        expected log likelihood, which is half the squared distance for a unit Gaussian).
-        ``init="forgy"`` picks all seeds at random. The continuous factors are then fitted to
+        its own, chosen as greedy k-means++ does (Arthur & Vassilvitskii 2007; scikit-learn's
+        default): the first at random; for each next one, :math:`2 + \lfloor\log K\rfloor`
+        candidates drawn with probability proportional to how badly the current seeds explain
+        them (the gap in expected log likelihood, half the squared distance for a unit
+        Gaussian), keeping the candidate under which the batch's best expected log
+        likelihoods sum highest. ``init="forgy"`` picks all seeds at random. The continuous factors are then fitted to
         the seeds alone, and the discrete factors to them.
         """
         gen = self._generator
@@ -504,16 +506,38 @@ class CAVI:
             return
         chosen = [int(torch.randint(n, (1,), generator=gen))]
         probs[chosen[0], 0] = 1.0
+        num_trials = 2 + int(math.log(k))
+        best_score = None  # each batch element's best expected log likelihood under the seeds so far
         for j in range(1, k):
-            f.set(probs.reshape(f.shape + (k,)))
-            self._update_continuous(seeding=True)
-            scores = self._natural_grads(name)[0].reshape(n, k)[:, :j].max(-1).values
-            gap = (scores.max() - scores).clamp_min(0)
+            if best_score is None:
+                f.set(probs.reshape(f.shape + (k,)))
+                self._update_continuous(seeding=True)
+                best_score = self._natural_grads(name)[0].reshape(n, k)[:, :j].max(-1).values
+            gap = (best_score.max() - best_score).clamp_min(0)
             gap[chosen] = 0
             if not bool(gap.sum() > 0):
                 gap = torch.ones(n, dtype=self.dtype, device=self.device)
                 gap[chosen] = 0
-            pick = int(torch.multinomial(gap.cpu().double(), 1, generator=gen))
+            candidates = torch.multinomial(gap.cpu().double(), num_trials, replacement=True, generator=gen).unique().tolist()
+            pick, best_total = None, None
+            # greedy k-means++: try each candidate in a free category (several at once while
+            # categories j, j+1, ... are still unseeded) and keep the one that raises the
+            # total of the batch's best scores most (lowers the k-means potential most)
+            free = k - j
+            for start in range(0, len(candidates), free):
+                trial = probs.clone()
+                batch = candidates[start:start + free]
+                for i, c in enumerate(batch):
+                    trial[c, j + i] = 1.0
+                f.set(trial.reshape(f.shape + (k,)))
+                self._update_continuous(seeding=True)
+                scores = self._natural_grads(name)[0].reshape(n, k)
+                current = scores[:, :j].max(-1).values
+                for i, c in enumerate(batch):
+                    with_c = torch.maximum(current, scores[:, j + i])
+                    total = float(with_c.sum())
+                    if best_total is None or total > best_total:
+                        pick, best_total, best_score = c, total, with_c
             chosen.append(pick)
             probs[pick, j] = 1.0
         f.set(probs.reshape(f.shape + (k,)))
