@@ -381,7 +381,9 @@ class CAVI:
 
     def _expected_log_joint(self, terms, mu) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        with memoize(self._memo):
+        # the expectations' einsums are written in a good contraction order; opt_einsum's path
+        # search would cost more than the contractions themselves
+        with memoize(self._memo), torch.backends.opt_einsum.flags(enabled=False):
             for t in terms:
                 total = total + self._contract(t, mu)
         return total

@@ -290,7 +290,7 @@ def broadcast_sum(operands: Tuple[Tensor, ...], full: torch.Size, out: torch.Siz
     # dimensions no operand varies along: each summed one multiplies the result by its size
     repeats = math.prod(full[d] for d in range(n) if d not in seen and out[d] == 1)
     if ops:
-        res = torch.einsum(",".join(subs) + "->" + "".join(_LETTERS[d] for d in out_dims), *ops)
+        res = _contract(ops, [set(m) for m, _ in merged], out_dims, full)
     else:
         res = torch.ones((), dtype=scalar[0].dtype, device=scalar[0].device)
     res = res.reshape([full[d] if d in out_dims else 1 for d in range(n)])
@@ -298,6 +298,32 @@ def broadcast_sum(operands: Tuple[Tensor, ...], full: torch.Size, out: torch.Siz
         res = res * c
     res = res.expand(out).reshape(target)
     return res * repeats if repeats != 1 else res
+
+
+def _contract(ops, dims, out_dims, full) -> Tensor:
+    """Sum of the product of ``ops`` (with dimension sets ``dims``, positions in ``full``) over
+    every dimension not in ``out_dims``, as a sequence of two-operand einsums: at each step the
+    pair with the smallest result (dimensions still needed later kept). Cheaper than one
+    many-operand ``torch.einsum``, which asks opt_einsum for a contraction path on every call."""
+    ops, dims = list(ops), [sorted(d) for d in dims]
+    keep_out = set(out_dims)
+    while len(ops) > 1:
+        best = None
+        for i in range(len(ops)):
+            for j in range(i + 1, len(ops)):
+                later = keep_out.union(*(dims[k] for k in range(len(ops)) if k not in (i, j)))
+                res = sorted((set(dims[i]) | set(dims[j])) & later)
+                size = math.prod(full[d] for d in res)
+                if best is None or size < best[0]:
+                    best = (size, i, j, res)
+        _, i, j, res = best
+        spec = ",".join("".join(_LETTERS[d] for d in dims[k]) for k in (i, j)) + "->" + "".join(_LETTERS[d] for d in res)
+        merged = torch.einsum(spec, ops[i], ops[j])
+        ops = [o for k, o in enumerate(ops) if k not in (i, j)] + [merged]
+        dims = [d for k, d in enumerate(dims) if k not in (i, j)] + [res]
+    (d0,) = dims
+    spec = "".join(_LETTERS[d] for d in d0) + "->" + "".join(_LETTERS[d] for d in out_dims)
+    return torch.einsum(spec, ops[0]) if d0 != list(out_dims) else ops[0]
 
 
 def _effective_shape(t: Tensor) -> torch.Size:
