@@ -16,7 +16,7 @@ import pyro
 import pyro.distributions as dist
 from conftest import fit
 
-from pyro_cavi import CAVI
+from pyro_cavi import CAVI, NonConjugateError
 
 
 @pytest.fixture(autouse=True)
@@ -414,5 +414,15 @@ def test_joint_groups_are_validated():
         CAVI(model, joint=[("a",)])
     with pytest.raises(ValueError, match="'zz' is not a latent site"):
         CAVI(model, joint=[("a", "zz")]).step()
-    with pytest.raises(ValueError, match="site 't' has a Gamma factor"):
+    # a Gaussian and a Gamma site form a Normal-Gamma pair only if t scales a's precision everywhere
+    with pytest.raises(NonConjugateError, match=r"whose scale is not c \* t.rsqrt\(\)"):
         CAVI(model, joint=[("a", "t")]).step()
+
+    def three(X=None):
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        t = pyro.sample("t", dist.Gamma(1.0, 1.0))
+        pyro.sample("y", dist.Normal(a + b, t.rsqrt()), obs=torch.tensor(0.5))
+
+    with pytest.raises(ValueError, match="site 't' has a Gamma factor"):
+        CAVI(three, joint=[("a", "b", "t")]).step()

@@ -151,11 +151,28 @@ def test_conditional_mixture_network_batched_restarts_are_separate_fits():
     assert_same_fits(cavi, result, fits, atol=1e-7)
 
 
-@pytest.mark.parametrize("problem", ["regression", "joint", "poisson"])
+def _mixture_of_regressions(X, y, K=3):
+    """Normal-Gamma experts: each expert's weights have prior precision scaled by its own noise precision."""
+    with pyro.plate("experts", K):
+        tau = pyro.sample("tau", dist.Gamma(torch.tensor(2.0, dtype=X.dtype), 1.0))
+        w = pyro.sample("w", dist.Normal(torch.zeros(X.shape[1], dtype=X.dtype), tau.rsqrt().unsqueeze(-1)).to_event(1))
+    with pyro.plate("data", X.shape[0]):
+        z = pyro.sample("z", dist.Categorical(torch.ones(K, dtype=X.dtype) / K))
+        pyro.sample("y", dist.Normal((X * w[z]).sum(-1), tau[z].rsqrt()), obs=y)
+
+
+@pytest.mark.parametrize("problem", ["regression", "joint", "poisson", "normal-gamma"])
 def test_other_families_batched(problem):
-    """Gaussian with a Gamma precision, a joint Gaussian group, Gamma-Gamma-Poisson."""
+    """Gaussian with a Gamma precision, a joint Gaussian group, Gamma-Gamma-Poisson, a joint
+    Normal-Gamma factor (updated restart by restart) in a mixture of regressions."""
     g = torch.Generator().manual_seed(4)
-    if problem == "regression":
+    if problem == "normal-gamma":
+        X = torch.stack([torch.ones(150, dtype=torch.float64), torch.randn(150, generator=g, dtype=torch.float64)], -1)
+        k = torch.randint(0, 3, (150,), generator=g)
+        y = (X * torch.tensor([[0.0, 2.0], [3.0, -1.0], [-3.0, 0.5]], dtype=torch.float64)[k]).sum(-1)
+        y = y + 0.3 * torch.randn(150, generator=g, dtype=torch.float64)
+        model, args, opts = _mixture_of_regressions, (X, y), {"joint": [("w", "tau")]}
+    elif problem == "regression":
         X = torch.randn(200, 3, generator=g, dtype=torch.float64)
         y = X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3 * torch.randn(200, generator=g, dtype=torch.float64)
         model, args, opts = zoo.bayesian_regression, (X, y), {}

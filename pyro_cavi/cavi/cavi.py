@@ -50,6 +50,7 @@ from .factors import (
     InverseGammaFactor,
 )
 from ..distributions.stick_breaking import StickBreakingCategorical
+from . import normal_gamma
 from .rules import expected_log_prob, has_latent_logits, pg_name, unwrap
 from .symbolic import Lin, Sym, identity_lin, identity_pos, memoize
 from .restarts import RestartBatch, run_batched
@@ -101,10 +102,12 @@ class CAVI:
         an all-reduce, so every process applies the same global update. Sites outside the
         plate (priors of global latents) must be identical on every process.
     :param init: how discrete sites are seeded: ``"kmeans++"`` (default) or ``"forgy"``.
-    :param joint: groups of Gaussian latent sites to fit with one joint Gaussian factor
-        (structured mean-field), e.g. ``joint=[("intercept", "slope", "u")]``: exact for
-        jointly Gaussian posteriors and far fewer sweeps when the sites are correlated
-        a posteriori.
+    :param joint: groups of latent sites fitted with one joint factor (structured mean-field):
+        Gaussian sites with one joint Gaussian factor, e.g. ``joint=[("intercept", "slope", "u")]``
+        (exact for jointly Gaussian posteriors, far fewer sweeps when the sites are correlated a
+        posteriori); or a Gaussian site and a Gamma site that scales its precision,
+        ``joint=[("w", "tau")]``, with one Normal-Gamma factor per block
+        (:mod:`.normal_gamma`).
 
     Example::
 
@@ -152,6 +155,8 @@ class CAVI:
         self.seed = seed
         self.num_restarts = num_restarts
         self.factors: Dict[str, ExpFamilyFactor] = {}
+        self._normal_gamma: Dict[str, tuple] = {}  # group -> (w, tau) of joint Normal-Gamma factors
+        self._views: Dict[str, ExpFamilyFactor] = {}  # layout of the members of Normal-Gamma factors
         self.latents: Dict[str, LatentSite] = {}
         self.terms: List[Term] = []
         self.elbo_trace: List[float] = []
@@ -212,11 +217,21 @@ class CAVI:
 
     def _check_groups(self) -> None:
         for name, group in self._group_of.items():
-            site = self.latents.get(name)
-            if site is None:
+            if name not in self.latents:
                 raise ValueError(f"joint: {name!r} is not a latent site of the model (sites: {sorted(self.latents)})")
-            if site.family != "Gaussian":
-                raise ValueError(f"joint: site {name!r} has a {site.family} factor; only Gaussian sites can be joined")
+        self._normal_gamma = {}
+        for g in self.joint:
+            pair = normal_gamma.members(g, self.latents)
+            if pair is not None:
+                self._normal_gamma["+".join(g)] = pair
+                continue
+            for name in g:
+                site = self.latents[name]
+                if site.family != "Gaussian":
+                    raise ValueError(
+                        f"joint: site {name!r} has a {site.family} factor; a joint group is Gaussian sites only, "
+                        "or one Gaussian site and one Gamma site (Normal-Gamma)"
+                    )
 
     def _group_layout(self, group: str):
         """(member name, offset, size) of each site of a joint Gaussian group."""
@@ -230,12 +245,18 @@ class CAVI:
         return out
 
     def _build_factors(self, old: Dict[str, ExpFamilyFactor]) -> None:
-        self.factors = {}
+        self.factors, self._views = {}, {}
         for name, site in self.latents.items():
             group = self._group_of.get(name)
             if group is None:
                 # local factors belong to the previous minibatch's data: start them afresh
                 self.factors[name] = self._make_factor(site, None if site.local else old.get(name))
+            elif group in self._normal_gamma and group not in self.factors:
+                w, tau = (self.latents[n] for n in self._normal_gamma[group])
+                prev = old.get(group)
+                fresh = normal_gamma.make_factor(group, w, self.dtype, self.device)
+                self.factors[group] = prev if prev is not None and prev.shape == fresh.shape else fresh
+                self._views.update(normal_gamma.views(w, tau, self.dtype, self.device))
             elif group not in self.factors:
                 size = sum(k for _, _, k in self._group_layout(group))
                 prev = old.get(group)
@@ -255,8 +276,15 @@ class CAVI:
 
     def _stand_ins(self) -> Dict[str, Tensor]:
         values = {}
+        for group, (w, tau) in self._normal_gamma.items():
+            vw, vt = normal_gamma.stand_ins(self.factors[group], self.latents[w], self.latents[tau])
+            sw, st = self.latents[w], self.latents[tau]
+            values[w] = Sym(vw, identity_lin(w, sw.shape, sw.event_dim, False, self.dtype, self.device))
+            values[tau] = Sym(vt, identity_pos(tau, st.shape, False, self.dtype, self.device))
         for name, site in self.latents.items():
             group = self._group_of.get(name)
+            if group in self._normal_gamma:
+                continue
             if group is not None:
                 f = self.factors[group]
                 _, offset, k = next(m for m in self._group_layout(group) if m[0] == name)
@@ -315,9 +343,15 @@ class CAVI:
             ]
             used: Dict[str, str] = {}
             with memoize(self._memo):
-                expected_log_prob(term.name, term.fn, term.value, self.factors, mu, used,
+                expected_log_prob(term.name, term.fn, term.value, self._expect_factors(), mu, used,
                                   weight=self._weight(term), cache=self._cache)
             term.latent = set(used)
+            for group, (w, tau) in self._normal_gamma.items():
+                if w in used:
+                    normal_gamma.check_term(term, group, w, tau)
+                for member in (w, tau):
+                    if member in used or term.name == member:
+                        term.latent.add(group)
             term.uses = {s: f"{p} of {term.name!r} ({type(unwrap(term.fn)[0]).__name__})" for s, p in used.items()}
         self._terms_of = {
             name: [t for t in self.terms if name in t.latent or name in t.discrete or t.name == name]
@@ -326,7 +360,20 @@ class CAVI:
 
     # ------------------------------------------------------------------ the objective
     def _moments(self) -> Dict[str, tuple]:
-        return {name: f.mean_params for name, f in self.factors.items()}
+        mu = {name: f.mean_params for name, f in self.factors.items()}
+        self._add_member_moments(mu)
+        return mu
+
+    def _add_member_moments(self, mu: Dict[str, tuple], batched: bool = False) -> None:
+        """The members of joint Normal-Gamma factors, read off the joint mean parameters
+        (with restarts swept together: per restart, inside the vectorised evaluation)."""
+        if self._batch is not None and not batched:
+            return
+        for group, (w, tau) in self._normal_gamma.items():
+            normal_gamma.add_member_moments(mu, group, self.latents[w], self.latents[tau])
+
+    def _expect_factors(self) -> Dict[str, ExpFamilyFactor]:
+        return {**self.factors, **self._views} if self._normal_gamma else self.factors
 
     def _weight(self, term: Term) -> Tensor:
         """The static weight of a term: its ``poutine.scale`` times its ``poutine.mask``."""
@@ -348,16 +395,24 @@ class CAVI:
         weight = self._weight(term)
         for d in term.discrete:
             weight = weight * self._arranged_probs(d, mu[d][0])
-        return expected_log_prob(term.name, term.fn, term.value, self.factors, mu, weight=weight, cache=self._cache)
+        return expected_log_prob(term.name, term.fn, term.value, self._expect_factors(), mu, weight=weight, cache=self._cache)
 
     def _expected_log_joint(self, terms, mu) -> Tensor:
         if self._batch is not None:  # summed over restarts: its gradient is each restart's own
-            return self._batch.expected_log_joint(self._expected_log_joint_one, terms, mu).sum()
+            return self._batch.expected_log_joint(self._restart_expected_log_joint, terms, mu).sum()
+        return self._expected_log_joint_one(terms, mu)
+
+    def _restart_expected_log_joint(self, terms, mu) -> Tensor:
+        """One restart's expected log joint (evaluated under vmap, :mod:`.restarts`)."""
+        mu = dict(mu)
+        self._add_member_moments(mu, batched=True)
         return self._expected_log_joint_one(terms, mu)
 
     def _expected_log_joint_one(self, terms, mu) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
-        with memoize(self._memo):
+        # the expectations' einsums are written in a good contraction order; opt_einsum's path
+        # search would cost more than the contractions themselves
+        with memoize(self._memo), torch.backends.opt_einsum.flags(enabled=False):
             for t in terms:
                 total = total + self._contract(t, mu)
         return total
@@ -368,7 +423,7 @@ class CAVI:
         with torch.no_grad():
             mu = self._moments()
             if self._batch is not None:  # one ELBO per restart
-                return (self._batch.expected_log_joint(self._expected_log_joint_one, self.terms, mu)
+                return (self._batch.expected_log_joint(self._restart_expected_log_joint, self.terms, mu)
                         + self._batch.entropies(self.factors))
             if self.shard_plate is None:
                 h = sum(f.entropy() * self._entropy_scale(name) for name, f in self.factors.items())
@@ -418,6 +473,9 @@ class CAVI:
 
     # ------------------------------------------------------------------ updates
     def _update(self, name: str) -> None:
+        if self._batch is not None:  # restarts swept together
+            self.factors[name] = self._batch.update(name, self.factors[name], self._natural_grads(name))
+            return
         self.factors[name].update(self._natural_grads(name))
 
     def _natural_grads(self, name: str):
@@ -441,6 +499,8 @@ class CAVI:
         own = tuple(t.detach().clone().requires_grad_(True) for t in mu[name])
         mu[name] = own
         with torch.enable_grad():
+            if name in self._normal_gamma:
+                self._add_member_moments(mu)  # differentiable functions of the joint mean parameters
             total = self._expected_log_joint(terms, mu)
             grads = torch.autograd.grad(total, own, allow_unused=True) if total.requires_grad else (None,) * len(own)
         return tuple(torch.zeros_like(t) if g is None else g.detach().clone() for g, t in zip(grads, own))
@@ -466,10 +526,12 @@ class CAVI:
         """Draw Gaussian means at random, then seed every discrete site from data points.
 
         Seeding (``init="kmeans++"``, the default) gives each category one batch element of
-        its own, chosen as k-means++ does: the first at random, each next one with
-        probability proportional to how badly the current seeds explain it (the gap in
-        expected log likelihood, which is half the squared distance for a unit Gaussian).
-        ``init="forgy"`` picks all seeds at random. The continuous factors are then fitted to
+        its own, chosen as greedy k-means++ does (Arthur & Vassilvitskii 2007; scikit-learn's
+        default): the first at random; for each next one, :math:`2 + \lfloor\log K\rfloor`
+        candidates drawn with probability proportional to how badly the current seeds explain
+        them (the gap in expected log likelihood, half the squared distance for a unit
+        Gaussian), keeping the candidate under which the batch's best expected log
+        likelihoods sum highest. ``init="forgy"`` picks all seeds at random. The continuous factors are then fitted to
         the seeds alone, and the discrete factors to them.
         """
         gen = self._generator
@@ -480,6 +542,9 @@ class CAVI:
             if isinstance(f, GaussianFactor) and not (self.shard_plate and self._is_sharded(name)):
                 loc = torch.randn(f.loc.shape, generator=gen).to(dtype=self.dtype, device=self.device)
                 f.set(loc, f.scale_tril)
+            elif name in self._normal_gamma:
+                loc = torch.randn(f.loc.shape, generator=gen).to(dtype=self.dtype, device=self.device)
+                f.set(loc, f.scale_tril, f.concentration, f.rate)
         discrete = [n for n, s in self.latents.items() if s.family == "Categorical"]
         for name in discrete:
             self._seed(name, gen, plus_plus=False)
@@ -527,16 +592,38 @@ class CAVI:
             return
         chosen = [int(torch.randint(n, (1,), generator=gen))]
         probs[chosen[0], 0] = 1.0
+        num_trials = 2 + int(math.log(k))
+        best_score = None  # each batch element's best expected log likelihood under the seeds so far
         for j in range(1, k):
-            f.set(probs.reshape(f.shape + (k,)))
-            self._update_continuous(seeding=True)
-            scores = self._natural_grads(name)[0].reshape(n, k)[:, :j].max(-1).values
-            gap = (scores.max() - scores).clamp_min(0)
+            if best_score is None:
+                f.set(probs.reshape(f.shape + (k,)))
+                self._update_continuous(seeding=True)
+                best_score = self._natural_grads(name)[0].reshape(n, k)[:, :j].max(-1).values
+            gap = (best_score.max() - best_score).clamp_min(0)
             gap[chosen] = 0
             if not bool(gap.sum() > 0):
                 gap = torch.ones(n, dtype=self.dtype, device=self.device)
                 gap[chosen] = 0
-            pick = int(torch.multinomial(gap.cpu().double(), 1, generator=gen))
+            candidates = torch.multinomial(gap.cpu().double(), num_trials, replacement=True, generator=gen).unique().tolist()
+            pick, best_total = None, None
+            # greedy k-means++: try each candidate in a free category (several at once while
+            # categories j, j+1, ... are still unseeded) and keep the one that raises the
+            # total of the batch's best scores most (lowers the k-means potential most)
+            free = k - j
+            for start in range(0, len(candidates), free):
+                trial = probs.clone()
+                batch = candidates[start:start + free]
+                for i, c in enumerate(batch):
+                    trial[c, j + i] = 1.0
+                f.set(trial.reshape(f.shape + (k,)))
+                self._update_continuous(seeding=True)
+                scores = self._natural_grads(name)[0].reshape(n, k)
+                current = scores[:, :j].max(-1).values
+                for i, c in enumerate(batch):
+                    with_c = torch.maximum(current, scores[:, j + i])
+                    total = float(with_c.sum())
+                    if best_total is None or total > best_total:
+                        pick, best_total, best_score = c, total, with_c
             chosen.append(pick)
             probs[pick, j] = 1.0
         f.set(probs.reshape(f.shape + (k,)))
@@ -684,6 +771,9 @@ class CAVI:
         group = self._group_of.get(name)
         if group is None:
             return self.factors[name].distribution()
+        if group in self._normal_gamma:
+            w, tau = (self.latents[n] for n in self._normal_gamma[group])
+            return normal_gamma.marginal(self.factors[group], self.latents[name], w, tau)
         f, site = self.factors[group], self.latents[name]
         _, offset, k = next(m for m in self._group_layout(group) if m[0] == name)
         loc = f.loc[0, offset:offset + k]
@@ -707,6 +797,14 @@ class CAVI:
             if group is None:
                 out[name] = pyro.sample(name, self.factors[name].distribution())
                 continue
+            if group in self._normal_gamma:
+                w, tau = (self.latents[n] for n in self._normal_gamma[group])
+                if group not in joint_draws:
+                    joint_draws[group] = normal_gamma.guide_draws(group, self.factors[group], w, tau)
+                value = joint_draws[group][name]
+                site_shape = self.latents[name].shape
+                out[name] = pyro.sample(name, dist.Delta(value, event_dim=len(site_shape)))
+                continue
             if group not in joint_draws:
                 f = self.factors[group]
                 q = dist.MultivariateNormal(f.loc[0], scale_tril=f.scale_tril[0])
@@ -720,6 +818,11 @@ class CAVI:
     def summary(self) -> str:
         lines = [f"CAVI over {len(self.factors)} factor(s)" + (f", ELBO {self.elbo_trace[-1]:.6f}" if self.elbo_trace else "")]
         for name in self.latents:
+            if self._group_of.get(name) in self._normal_gamma:
+                group = self._group_of[name]
+                rules = sorted({t.uses[name] for t in self.terms if name in t.uses and t.name != name})
+                lines.append(f"  {name}: part of the joint Normal-Gamma factor {group!r}; conjugate through {', '.join(rules) or 'its prior only'}")
+                continue
             if name in self._group_of:
                 group = self._group_of[name]
                 members = {m for m, g in self._group_of.items() if g == group}

@@ -21,6 +21,7 @@ For an affine expression :math:`d = c + \sum_s A_s x_s`:
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -28,7 +29,7 @@ import torch
 from .factors import ExpFamilyFactor, _NotASufficientStatistic
 from . import symbolic
 from .batching import const_matmul, is_batched as _is_batched
-from .symbolic import Bil, Expr, Lin, Poison, Pos, describe
+from .symbolic import Bil, Expr, Lin, Poison, Pos, broadcast_shapes, compact, describe
 
 Tensor = torch.Tensor
 Moments = Dict[str, Tuple[Tensor, ...]]
@@ -62,7 +63,7 @@ def _block_second(site, idx_a, idx_b, mu):
     """E[x_a x_bᵀ] for elements in blocks idx_a and idx_b of one Gaussian site."""
     m, M = mu[site]
     if m.shape[0] == 1:
-        return M[0].expand(torch.broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
+        return M[0].expand(symbolic.broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
     same = (idx_a == idx_b).unsqueeze(-1).unsqueeze(-1)
     return torch.where(same, M[idx_a], m[idx_a].unsqueeze(-1) * m[idx_b].unsqueeze(-2))
 
@@ -195,8 +196,10 @@ def second_moment(x, factors, mu) -> Tensor:
     return m * m + variance(x, factors, mu)
 
 
-def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict] = None) -> Tensor:
-    """:math:`\\sum_n w_n E_q[x_n^2]`, summed over the broadcast shape of ``w`` and ``x``.
+def weighted_second_moment(x, weight, factors, mu, cache: Optional[dict] = None) -> Tensor:
+    """:math:`\\sum_n w_n E_q[x_n^2]`, summed over the broadcast shape of ``w`` and ``x``;
+    ``weight`` is a tensor or a tuple of tensors whose product is the weight (kept apart so
+    broadcast factors are never multiplied out).
 
     For a site with a single block (a global coefficient vector) the variance part is
     :math:`\\langle \\Sigma, \\sum_n w_n a_n a_nᵀ \\rangle`: with a weight that is the same for
@@ -205,19 +208,21 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
     """
     e = expr_of(x)
     shape = e.shape if isinstance(e, Expr) else e.shape
-    weight = _sum_to_shape(weight, shape)
-    if isinstance(e, Bil):
-        sq = second_moment(x, factors, mu)
-        return (weight * sq).expand(torch.broadcast_shapes(weight.shape, sq.shape)).sum()
     if isinstance(e, Lin) and e.terms:
         small = _coefficient_shape(e)
         if small.numel() * 2 <= e.shape.numel():
             return _reduced_second_moment(e, small, weight, factors, mu, cache)
+    if isinstance(weight, tuple):
+        weight = math.prod(weight[1:], start=weight[0])
+    weight = _sum_to_shape(weight, shape)
+    if isinstance(e, Bil):
+        sq = second_moment(x, factors, mu)
+        return (weight * sq).expand(symbolic.broadcast_shapes(weight.shape, sq.shape)).sum()
     m = mean(x, factors, mu)
     total = (weight * m * m).sum()
     if not isinstance(e, Lin):
         return total
-    full = torch.broadcast_shapes(weight.shape, e.shape)
+    full = symbolic.broadcast_shapes(weight.shape, e.shape)
     reps = full.numel() // max(e.shape.numel(), 1)
     for s, coef, idx, f, mm, M in _lin_terms(e, factors, mu):
         cov = M - mm.unsqueeze(-1) * mm.unsqueeze(-2)
@@ -241,19 +246,89 @@ def _coefficient_shape(e: Lin) -> torch.Size:
     as stored, before broadcasting against the constant part)."""
     shapes = [_effective_shape(coef)[:-1] for coef, _ in e.terms.values()]
     shapes += [_effective_shape(idx) for _, idx in e.terms.values()]
-    small = torch.broadcast_shapes(*shapes)
+    small = symbolic.broadcast_shapes(*shapes)
     return torch.Size((1,) * (len(e.shape) - len(small)) + tuple(small))
 
 
-def _compact_apply(fn, t: Tensor) -> Tensor:
+def compact_apply(fn, t: Tensor) -> Tensor:
     """``fn(t)`` evaluated once per distinct element of a broadcast (expanded) tensor."""
     if not isinstance(t, Tensor) or 0 not in t.stride():
         return fn(t)
-    base = t
-    for d, st in enumerate(t.stride()):
-        if st == 0 and base.shape[d] != 1:
-            base = base.narrow(d, 0, 1)
-    return fn(base).expand(t.shape)
+    return fn(symbolic.compact(t)).expand(t.shape)
+
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def broadcast_sum(operands: Tuple[Tensor, ...], full: torch.Size, out: torch.Size = torch.Size()) -> Tensor:
+    r"""The product of ``operands`` broadcast to ``full``, summed down to ``out`` (right-aligned,
+    sizes 1 or equal to ``full``'s), as one ``einsum`` over the operands' distinct elements.
+
+    Broadcast (stride-0) dimensions are never materialised: for responsibilities ``r`` (K, N),
+    a precision (K, 1, D) and data ``y`` (1, N, D), :math:`\sum_{knd} r_{kn} \lambda_{kd} y_{nd}^2`
+    costs one pass over the data instead of K copies of it."""
+    n = len(full)
+    # distinct elements, left-padded to ``full``'s rank; an operand that varies along a subset
+    # of another's dimensions is multiplied into it first (elementwise, no larger tensor)
+    items = []
+    for o in operands:
+        c = symbolic.compact(o)
+        c = c.reshape((1,) * (n - c.dim()) + tuple(c.shape))
+        items.append((frozenset(d for d in range(n) if c.shape[d] != 1), c))
+    items.sort(key=lambda item: len(item[0]))
+    scalar = [c.reshape(()) for dims, c in items if not dims]  # applied to the (small) result
+    merged = []
+    for dims, c in items:  # ascending number of dimensions
+        if not dims:
+            continue
+        for i in [i for i, (sub, _) in enumerate(merged) if sub <= dims][::-1]:
+            c = c * merged.pop(i)[1]
+        merged.append((dims, c))
+    subs, ops, seen = [], [], set()
+    for dims, c in merged:
+        keep = sorted(dims)
+        ops.append(c.reshape([c.shape[d] for d in keep]))
+        subs.append("".join(_LETTERS[d] for d in keep))
+        seen.update(keep)
+    target, out = torch.Size(out), torch.Size((1,) * (n - len(out)) + tuple(out))
+    out_dims = [d for d in range(n) if out[d] != 1 and d in seen]
+    # dimensions no operand varies along: each summed one multiplies the result by its size
+    repeats = math.prod(full[d] for d in range(n) if d not in seen and out[d] == 1)
+    if ops:
+        res = _contract(ops, [set(m) for m, _ in merged], out_dims, full)
+    else:
+        res = torch.ones((), dtype=scalar[0].dtype, device=scalar[0].device)
+    res = res.reshape([full[d] if d in out_dims else 1 for d in range(n)])
+    for c in scalar:
+        res = res * c
+    res = res.expand(out).reshape(target)
+    return res * repeats if repeats != 1 else res
+
+
+def _contract(ops, dims, out_dims, full) -> Tensor:
+    """Sum of the product of ``ops`` (with dimension sets ``dims``, positions in ``full``) over
+    every dimension not in ``out_dims``, as a sequence of two-operand einsums: at each step the
+    pair with the smallest result (dimensions still needed later kept). Cheaper than one
+    many-operand ``torch.einsum``, which asks opt_einsum for a contraction path on every call."""
+    ops, dims = list(ops), [sorted(d) for d in dims]
+    keep_out = set(out_dims)
+    while len(ops) > 1:
+        best = None
+        for i in range(len(ops)):
+            for j in range(i + 1, len(ops)):
+                later = keep_out.union(*(dims[k] for k in range(len(ops)) if k not in (i, j)))
+                res = sorted((set(dims[i]) | set(dims[j])) & later)
+                size = math.prod(full[d] for d in res)
+                if best is None or size < best[0]:
+                    best = (size, i, j, res)
+        _, i, j, res = best
+        spec = ",".join("".join(_LETTERS[d] for d in dims[k]) for k in (i, j)) + "->" + "".join(_LETTERS[d] for d in res)
+        merged = torch.einsum(spec, ops[i], ops[j])
+        ops = [o for k, o in enumerate(ops) if k not in (i, j)] + [merged]
+        dims = [d for k, d in enumerate(dims) if k not in (i, j)] + [res]
+    (d0,) = dims
+    spec = "".join(_LETTERS[d] for d in d0) + "->" + "".join(_LETTERS[d] for d in out_dims)
+    return torch.einsum(spec, ops[0]) if d0 != list(out_dims) else ops[0]
 
 
 def _effective_shape(t: Tensor) -> torch.Size:
@@ -305,12 +380,13 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
     :math:`d = c + \mu` and :math:`\mu, \mathrm{Var}(d)` constant along the data dimensions,
     :math:`\sum w (c + \mu)^2 = \sum w c^2 + 2 \sum \bar{(wc)} \mu + \sum \bar w \mu^2`, where the
     bars sum over those dimensions first: O(N K D) instead of O(N K D²) and no gathers."""
-    full = torch.broadcast_shapes(weight.shape, e.shape)
+    ws = weight if isinstance(weight, tuple) else (weight,)
+    full = symbolic.broadcast_shapes(e.shape, *(w.shape for w in ws))
     c = e.const.expand(e.shape)
-    total = (weight * c * c).expand(full).sum()
+    total = broadcast_sum(ws + (c, c), full)
     small_full = torch.Size((1,) * (len(full) - len(small)) + tuple(small))
-    w_small = _sum_over(weight, full, small_full)
-    wc_small = _sum_over(weight * c, full, small_full)
+    w_small = broadcast_sum(ws, full, small_full)
+    wc_small = broadcast_sum(ws + (c,), full, small_full)
     latent = _latent_part(e, small)
     mu_small = mean(latent, factors, mu)
     total = total + 2 * (wc_small * mu_small).sum() + (w_small * mu_small * mu_small).sum()
@@ -327,7 +403,7 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
 def _sum_to_shape(weight: Tensor, shape: torch.Size) -> Tensor:
     """Sum a weight over the dimensions along which the expression is constant (broadcast):
     e.g. responsibilities over enumerated values that a parameter does not depend on."""
-    full = torch.broadcast_shapes(weight.shape, shape)
+    full = symbolic.broadcast_shapes(weight.shape, shape)
     lead = len(full) - len(shape)
     dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and full[lead + i] > 1]
     dims = [d for d in dims if d >= len(full) - weight.dim() and weight.shape[d - (len(full) - weight.dim())] > 1]
@@ -439,15 +515,15 @@ def mean_log(x, factors, mu) -> Tensor:
     """:math:`E_q[\\log x]`."""
     e = _pos(x)
     if not isinstance(e, Expr):
-        return _compact_apply(torch.log, e)
-    out = torch.log(e.scale.expand(e.shape))
+        return compact_apply(torch.log, e)
+    out = compact_apply(torch.log, e.scale.expand(e.shape))
     for g in e.factors:
         f = factors[g.site]
         try:
             t = f.mean_log1m(mu[g.site], g.index) if g.complement else f.mean_log(mu[g.site], g.index)
         except _NotASufficientStatistic as err:
             raise NotConjugate(f"{err} of the {f.family} latent {g.site!r}, which is not one of its sufficient statistics")
-        out = out + g.power * t
+        out = symbolic.broadcast_op(torch.add, out, symbolic.times(t, g.power))
     return out
 
 
@@ -455,7 +531,7 @@ def mean_log1m(x, factors, mu) -> Tensor:
     """:math:`E_q[\\log(1 - x)]` (a Beta latent's second statistic)."""
     e = _pos(x)
     if not isinstance(e, Expr):
-        return _compact_apply(lambda t: torch.log1p(-t), e)
+        return compact_apply(lambda t: torch.log1p(-t), e)
     if len(e.factors) == 1 and not e.factors[0].complement and e.factors[0].power == 1.0 and torch.all(e.scale == 1):
         g = e.factors[0]
         f = factors[g.site]
@@ -473,8 +549,8 @@ def mean_pow(x, power: float, factors, mu) -> Tensor:
     """:math:`E_q[x^{q}]` for a monomial of independent positive latents."""
     e = _pos(x)
     if not isinstance(e, Expr):
-        return _compact_apply(lambda t: t ** power, e)
-    out = e.scale.expand(e.shape) ** power
+        return compact_apply(lambda t: t ** power, e)
+    out = compact_apply(lambda t: t ** power, e.scale.expand(e.shape))
     for g in e.factors:
         f = factors[g.site]
         if g.complement:
@@ -483,7 +559,7 @@ def mean_pow(x, power: float, factors, mu) -> Tensor:
             t = f.mean_pow(mu[g.site], g.index, g.power * power)
         except _NotASufficientStatistic as err:
             raise NotConjugate(f"{err} of the {f.family} latent {g.site!r}, which is not one of its sufficient statistics")
-        out = out * t
+        out = symbolic.broadcast_op(torch.mul, out, t)
     return out
 
 

@@ -35,6 +35,7 @@ import torch.distributions as tdist
 import pyro.distributions as dist
 
 from .errors import NonConjugateError
+from .symbolic import compact
 
 Tensor = torch.Tensor
 
@@ -102,7 +103,8 @@ class ExpFamilyFactor:
 
 
 def _gather(t: Tensor, index: Tensor) -> Tensor:
-    return t.reshape(-1)[index]
+    """``t.reshape(-1)[index]``, looked up once per distinct index of a broadcast ``index``."""
+    return t.reshape(-1)[compact(index)].expand(index.shape)
 
 
 class GaussianFactor(ExpFamilyFactor):
@@ -326,6 +328,103 @@ class InverseGammaFactor(_PositivePowerFactor):
 
     def stand_in(self):
         return self.rate / (self.concentration + 1.0)
+
+
+class NormalGammaFactor(ExpFamilyFactor):
+    r"""Joint Normal-Gamma factor over a Gaussian site ``w`` and a Gamma site ``tau`` whose
+    elements scale the precision of ``w``'s blocks (structured mean-field):
+
+    .. math::
+        q(w_b, \tau_b) = \mathcal{N}(w_b \mid m_b, (\tau_b \Lambda_b)^{-1})\,
+        \mathrm{Gamma}(\tau_b \mid a_b, b_b),
+
+    one pair per block ``b`` (a plate element of ``w`` and the matching element of ``tau``).
+    It is the exact complete conditional when every density that involves ``w`` is a Normal
+    whose precision is ``tau`` times a constant (matrix-normal-gamma experts, Normal-Gamma
+    priors; Bishop 2006 §2.3.6, Heins et al. 2024). Sufficient statistics
+    :math:`(\tau w, \tau w w^\top, \tau, \log\tau)`; natural parameters
+    :math:`(\Lambda m, -\Lambda/2, -(b + m^\top\Lambda m/2), a - 1 + D/2)`; mean parameters
+    :math:`(\bar\tau m, \bar\tau m m^\top + \Lambda^{-1}, \bar\tau, \psi(a) - \log b)` with
+    :math:`\bar\tau = a/b`.
+    """
+
+    family = "NormalGamma"
+
+    def __init__(self, site, num_blocks: int, block_size: int, dtype, device):
+        super().__init__(site, torch.Size([num_blocks, block_size]), 1, dtype, device)
+        self.num_blocks, self.block_size = num_blocks, block_size
+        eye = torch.eye(block_size, dtype=dtype, device=device)
+        self.set(torch.zeros(num_blocks, block_size, dtype=dtype, device=device), eye.expand(num_blocks, -1, -1).clone(),
+                 torch.ones(num_blocks, dtype=dtype, device=device), torch.ones(num_blocks, dtype=dtype, device=device))
+
+    def set(self, loc: Tensor, scale_tril: Tensor, concentration: Tensor, rate: Tensor) -> None:
+        """``scale_tril``: Cholesky factor of :math:`\Lambda^{-1}` (the covariance of ``w`` at ``tau = 1``)."""
+        self.loc, self.scale_tril, self.concentration, self.rate = loc, scale_tril, concentration, rate
+        tau = concentration / rate
+        cov = scale_tril @ scale_tril.mT
+        outer = loc.unsqueeze(-1) * loc.unsqueeze(-2)
+        self.mean_params = (tau.unsqueeze(-1) * loc, tau[:, None, None] * outer + cov, tau,
+                            torch.digamma(concentration) - rate.log())
+
+    def update(self, grads):
+        g_m, g_M, g_tau, g_log = grads
+        precision = -(g_M + g_M.mT)
+        try:
+            chol = torch.linalg.cholesky(precision)
+        except RuntimeError:
+            raise NonConjugateError(
+                f"the update of the Normal-Gamma factor {self.site!r} gave a precision matrix that is "
+                "not positive definite: a prior is improper or the model is not conditionally conjugate in it"
+            ) from None
+        loc = torch.cholesky_solve(g_m.unsqueeze(-1), chol).squeeze(-1)
+        eye = torch.eye(self.block_size, dtype=self.dtype, device=self.device)
+        cov = torch.cholesky_solve(eye.expand_as(chol), chol)
+        scale_tril = torch.linalg.cholesky(0.5 * (cov + cov.mT))
+        a = g_log + 1.0 - 0.5 * self.block_size
+        b = -g_tau - 0.5 * (loc * g_m).sum(-1)
+        self._check("concentration", a)
+        self._check("rate", b)
+        self.set(loc, scale_tril, a, b)
+
+    def natural(self):
+        precision = torch.cholesky_inverse(self.scale_tril)
+        eta = (precision @ self.loc.unsqueeze(-1)).squeeze(-1)
+        return (eta, -0.5 * precision, -(self.rate + 0.5 * (self.loc * eta).sum(-1)),
+                self.concentration - 1.0 + 0.5 * self.block_size)
+
+    def entropy(self):
+        a, b = self.concentration, self.rate
+        gamma = a - b.log() + torch.lgamma(a) + (1.0 - a) * torch.digamma(a)
+        logdet = self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)  # 1/2 log |Lambda^-1|
+        d = self.block_size
+        gauss = 0.5 * d * (1.0 + math.log(2 * math.pi)) + logdet - 0.5 * d * self.mean_params[3]
+        return (gamma + gauss).sum()
+
+    @staticmethod
+    def member_moments(mu) -> Tuple[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor]]:
+        """The moments the two sites' expressions are evaluated with: for ``w`` the moments under
+        the ``tau``-tilted distribution, :math:`(E[\tau w], E[\tau w w^\top]) / E[\tau]`, so that
+        :math:`E[\tau]\,E'[(y - w^\top x)^2] = E[\tau (y - w^\top x)^2]` exactly; for ``tau``
+        :math:`(E[\tau], E[\log\tau])`."""
+        t_m, t_M, tau, log_tau = mu
+        return (t_m / tau.unsqueeze(-1), t_M / tau[:, None, None]), (tau, log_tau)
+
+    def distribution(self):
+        raise NotImplementedError("a Normal-Gamma factor is read through its members' marginals")
+
+    def marginals(self, shape_w: torch.Size, event_dim_w: int, shape_tau: torch.Size):
+        """Marginal posteriors: ``w`` multivariate Student-t with ``2a`` degrees of freedom and
+        scale :math:`(b/a)\Lambda^{-1}`; ``tau`` Gamma(a, b)."""
+        a, b = self.concentration, self.rate
+        tau = dist.Gamma(a.reshape(shape_tau), b.reshape(shape_tau))  # one element per block of w
+        batch = shape_w[: len(shape_w) - event_dim_w]
+        tril = (b / a).sqrt()[:, None, None] * self.scale_tril
+        if event_dim_w == 0:
+            w = dist.StudentT(2 * a.reshape(batch), self.loc.reshape(batch), tril.reshape(batch))
+        else:
+            w = dist.MultivariateStudentT(2 * a.reshape(batch), self.loc.reshape(batch + (-1,)),
+                                          tril.reshape(batch + (self.block_size, self.block_size)))
+        return w, tau
 
 
 class BetaFactor(ExpFamilyFactor):

@@ -34,9 +34,16 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .factors import (BetaFactor, CategoricalFactor, DirichletFactor, GammaFactor, GaussianFactor,
+                      InverseGammaFactor, PolyaGammaFactor)
+
 Tensor = torch.Tensor
 
 __all__ = ["RestartBatch", "stack_factors", "select_factors"]
+
+# factor families whose ``update`` runs unchanged on tensors with a leading restart dimension
+_STACKABLE_UPDATES = (GaussianFactor, GammaFactor, InverseGammaFactor, BetaFactor, DirichletFactor,
+                      CategoricalFactor, PolyaGammaFactor)
 
 
 def _state_attrs(copies: Sequence[object]) -> List[str]:
@@ -126,6 +133,21 @@ class RestartBatch:
         ``single(terms, mu)`` (written for one restart) vectorised over the leading
         dimension of every mean parameter."""
         return torch.func.vmap(lambda m: single(terms, m))(mu)
+
+    def update(self, name: str, f: object, grads: Tuple[Tensor, ...]) -> object:
+        """The coordinate update of factor ``name`` in every restart: on the stacked tensors
+        for the families whose updates are elementwise or batched linear algebra (checked in
+        the tests), restart by restart for any other family."""
+        if type(f) in _STACKABLE_UPDATES:
+            f.update(grads)
+            return f
+        attrs = self.attrs[name]
+        views = []
+        for r in range(self.size):
+            v = _view(f, attrs, [_index(getattr(f, a), r) for a in attrs])
+            v.update(tuple(g[r] for g in grads))
+            views.append(v)
+        return _view(f, attrs, [_stack([getattr(v, a) for v in views]) for a in attrs])
 
     def entropies(self, factors: Dict[str, object]) -> Tensor:
         """Each restart's total entropy :math:`\\sum_i \\mathbb{H}[q_i^{(r)}]`, a vector of size R."""

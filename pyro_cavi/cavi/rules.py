@@ -111,8 +111,10 @@ def _normal_summed(fn, v, E: Expect, weight):
     E.independent(scale, loc, "the loc and the scale")
     E.independent(scale, v, "the value and the scale")
     d = v - loc
-    const = (weight * (-0.5 * LOG_2PI - E.log(scale, "scale"))).expand(torch.broadcast_shapes(weight.shape, fn.batch_shape))
-    return const.sum() - 0.5 * E.wsq(d, weight * E.pow(scale, -2.0, "scale"), "loc")
+    full = ex.broadcast_shapes(weight.shape, fn.batch_shape)
+    log_norm = ex.compact_apply(lambda t: -0.5 * LOG_2PI - t, E.log(scale, "scale"))
+    const = ex.broadcast_sum((weight, log_norm), full)
+    return const - 0.5 * E.wsq(d, (weight, E.pow(scale, -2.0, "scale")), "loc")
 
 
 def _mvn(fn, v, E: Expect):
@@ -209,7 +211,7 @@ def _logistic_summed(fn, v, E: Expect, weight):
     if isinstance(fn, StickBreakingCategorical):
         weight = weight.unsqueeze(-1)
     linear = weight * (const - b * math.log(2.0) + kappa * E.mean(psi, "logits"))
-    shape = torch.broadcast_shapes(linear.shape, psi.shape)
+    shape = ex.broadcast_shapes(linear.shape, psi.shape)
     return linear.expand(shape).sum() - 0.5 * E.wsq(psi, weight * q * E.omega(), "logits")
 
 
@@ -253,8 +255,11 @@ def _categorical(fn, v, E: Expect):
     p = _probs(fn, E, "categorical")
     logp = E.log(p, "probs")
     v = v.long()
-    logp, v = torch.broadcast_tensors(logp, v.unsqueeze(-1))
-    return logp.gather(-1, v[..., :1]).squeeze(-1)
+    # gather on the distinct elements only (log-weights shared by every datum, the value
+    # enumerated over categories), then broadcast to the batch shape
+    shape = ex.broadcast_shapes(logp.shape[:-1], v.shape)
+    small_logp, small_v = torch.broadcast_tensors(ex.compact(logp, keep_last=1), ex.compact(v).unsqueeze(-1))
+    return small_logp.gather(-1, small_v[..., :1]).squeeze(-1).expand(shape)
 
 
 def _multinomial(fn, v, E: Expect):
@@ -363,7 +368,7 @@ def expected_log_prob(
             lp = rule(base, value, E)
             if event_dims:
                 lp = lp.sum(tuple(range(-event_dims, 0)))
-            total = (lp * weight).sum()
+            total = ex.broadcast_sum((lp, weight), ex.broadcast_shapes(lp.shape, weight.shape))
         if used is not None:
             used.update(E.used)
         return total

@@ -286,7 +286,9 @@ def _map_shape(expr: Expr, out_shape: torch.Size, f: Callable[[Tensor], Tensor],
     to its ``S + (n_e,)`` coefficient tensors."""
     shape = expr.shape
     if isinstance(expr, Lin):
-        const = f(expr.const.expand(shape))
+        c = compact(expr.const)
+        # a uniform constant (typically the zero of a bare latent) stays a broadcast scalar
+        const = c.reshape(()).expand(out_shape) if c.numel() == 1 else f(expr.const.expand(shape))
         terms = {}
         for s, (coef, idx) in expr.terms.items():
             terms[s] = (fc(coef.expand(shape + coef.shape[-1:])), f(idx.expand(shape)))
@@ -334,15 +336,47 @@ def _lin_from_const(c: Tensor) -> Lin:
     return Lin(c, {}, c.shape)
 
 
-def _times(t: Tensor, factor: float) -> Tensor:
+def broadcast_shapes(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes`` without its per-call overhead (the engine calls it for every
+    term of every update)."""
+    n = max(map(len, shapes), default=0)
+    out = [1] * n
+    for s in shapes:
+        off = n - len(s)
+        for i, d in enumerate(s):
+            o = out[off + i]
+            if d != o:
+                if o == 1:
+                    out[off + i] = d
+                elif d != 1:
+                    raise RuntimeError(f"shape {tuple(s)} cannot be broadcast with {tuple(out)}")
+    return torch.Size(out)
+
+
+def compact(t: Tensor, keep_last: int = 0) -> Tensor:
+    """The distinct elements of a broadcast tensor: every expanded (stride-0) dimension
+    (except the last ``keep_last``) narrowed to size 1, so ``compact(t).expand(t.shape)``
+    is ``t`` again."""
+    base = t
+    for d, st in enumerate(t.stride()[: t.dim() - keep_last]):
+        if st == 0 and base.shape[d] != 1:
+            base = base.narrow(d, 0, 1)
+    return base
+
+
+def times(t: Tensor, factor: float) -> Tensor:
     """``t * factor`` that keeps broadcast (stride-0) dimensions broadcast instead of materialising them."""
     if factor == 1.0:
         return t
-    base = t
-    for d, st in enumerate(t.stride()):
-        if st == 0 and base.shape[d] != 1:
-            base = base.narrow(d, 0, 1)
-    return (base * factor).expand(t.shape)
+    return (compact(t) * factor).expand(t.shape)
+
+
+def broadcast_op(op: Callable[[Tensor, Tensor], Tensor], a: Tensor, b: Tensor) -> Tensor:
+    """``op(a, b)`` for an elementwise ``op``, computed on the distinct elements only and
+    expanded: data ``y`` (N, D) minus the constant part of ``locs[z]`` (K, 1, D) stays an
+    (N, D) tensor seen as (K, N, D) instead of K copies of the data."""
+    shape = broadcast_shapes(a.shape, b.shape)
+    return op(compact(a), compact(b)).expand(shape)
 
 
 def _lin_add(a: Lin, b: Lin, shape: torch.Size, sign: float = 1.0) -> Lin:
@@ -350,7 +384,7 @@ def _lin_add(a: Lin, b: Lin, shape: torch.Size, sign: float = 1.0) -> Lin:
     for s, (coef, idx) in a.terms.items():
         terms[s] = (coef, idx)
     for s, (coef, idx) in b.terms.items():
-        coef = _times(coef, sign)
+        coef = times(coef, sign)
         if s in terms:
             ca, ia = terms[s]
             ia_, ib_ = torch.broadcast_tensors(ia, idx)
@@ -359,7 +393,8 @@ def _lin_add(a: Lin, b: Lin, shape: torch.Size, sign: float = 1.0) -> Lin:
             terms[s] = (ca + coef, ia_)
         else:
             terms[s] = (coef, idx)
-    return Lin(a.const + sign * b.const, terms, shape)
+    const = broadcast_op(torch.add, a.const, b.const) if sign == 1.0 else broadcast_op(torch.sub, a.const, b.const)
+    return Lin(const, terms, shape)
 
 
 def _lin_scale(a: Lin, c: Tensor, shape: torch.Size) -> Lin:
@@ -870,7 +905,7 @@ def _lin_lin_matmul(shape, a: Lin, b: Lin):
     # (..., n, k, 1) * (..., 1, k, m) summed over k
     A3 = _generic_unsqueeze(A, A.shape + (1,), -1)
     B3 = _generic_unsqueeze(B, B.shape[:-2] + (1,) + B.shape[-2:], -3)
-    prod_shape = torch.broadcast_shapes(A3.shape, B3.shape)
+    prod_shape = broadcast_shapes(A3.shape, B3.shape)
     prod = _bil_product(_expand(A3, prod_shape), _expand(B3, prod_shape), prod_shape)
     out_shape = prod_shape[:-2] + prod_shape[-1:]
     out = _rule_sum(out_shape, _FakeSym(prod), -2)

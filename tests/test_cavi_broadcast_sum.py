@@ -1,0 +1,101 @@
+"""The engine's broadcast-aware sums against the obvious reference: materialise the
+broadcast product, then sum. Sufficient statistics of every Gaussian likelihood go
+through these, so any slip here would be a wrong posterior."""
+
+import itertools
+
+import pytest
+import torch
+
+from pyro_cavi.cavi.expectations import broadcast_sum
+from pyro_cavi.cavi.symbolic import broadcast_op, compact
+
+
+def _reference(operands, full, out):
+    prod = torch.ones(full, dtype=torch.float64)
+    for o in operands:
+        prod = prod * o.expand(full)
+    out = torch.Size((1,) * (len(full) - len(out)) + tuple(out))
+    dims = [d for d in range(len(full)) if out[d] == 1 and full[d] > 1]
+    if dims:
+        prod = prod.sum(dims, keepdim=True)
+    return prod.reshape(out)
+
+
+CASES = [
+    # responsibilities (K, N, 1), precision (K, 1, D) broadcast over N, data (N, D) broadcast over K
+    ((5, 7, 1), (5, 1, 3), (7, 3)),
+    ((5, 7, 1), (1, 1, 1), (7, 3), (7, 3)),
+    ((), (4,), (3, 4)),
+    ((2, 1, 4), (1, 3, 1)),
+    ((6,),),
+    ((), ()),
+]
+
+
+@pytest.mark.parametrize("shapes", CASES)
+def test_broadcast_sum_matches_materialised_sum(shapes):
+    g = torch.Generator().manual_seed(len(shapes))
+    operands = tuple(torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+    full = torch.broadcast_shapes(*(o.shape for o in operands))
+    rank = len(full)
+    # every "out" that keeps a subset of full's dimensions
+    for keep in itertools.product([False, True], repeat=rank):
+        out = torch.Size(n if k else 1 for n, k in zip(full, keep))
+        got = broadcast_sum(operands, full, out)
+        assert got.shape == out
+        torch.testing.assert_close(got, _reference(operands, full, out), rtol=1e-12, atol=1e-12)
+
+
+def test_broadcast_sum_over_a_dimension_no_operand_has():
+    # the batch has N = 6 rows that no operand varies along: the sum counts each row
+    w = torch.tensor([1.0, 2.0], dtype=torch.float64).reshape(2, 1)
+    full = torch.Size([2, 6])
+    assert float(broadcast_sum((w,), full)) == pytest.approx(6 * 3.0)
+    torch.testing.assert_close(broadcast_sum((w,), full, torch.Size([2, 1])), 6 * w)
+    torch.testing.assert_close(broadcast_sum((w,), full, full), w.expand(full))
+
+
+def test_broadcast_sum_of_expanded_operands_and_gradients():
+    # expanded (stride-0) views give the same value and the same gradients as materialised ones
+    r = torch.rand(4, 9, 1, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(9, 2, dtype=torch.float64)
+    lam = torch.rand(4, 1, 2, dtype=torch.float64, requires_grad=True)
+    full = torch.Size([4, 9, 2])
+    got = broadcast_sum((r, lam, y.expand(full), y.expand(full)), full)
+    ref = (r * lam * y * y).sum()
+    torch.testing.assert_close(got, ref)
+    g_got = torch.autograd.grad(got, (r, lam))
+    g_ref = torch.autograd.grad(ref, (r, lam))
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_compact_keeps_values_and_broadcast_op_keeps_broadcasting():
+    y = torch.randn(7, 3, dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64).expand(5, 1, 3)
+    z = broadcast_op(torch.sub, y, zero)
+    assert z.shape == (5, 7, 3)
+    assert z.stride()[0] == 0  # data not copied once per component
+    torch.testing.assert_close(z, (y - torch.zeros(5, 1, 3, dtype=torch.float64)))
+    c = compact(z)
+    assert c.shape == (1, 7, 3)
+    torch.testing.assert_close(c.expand(z.shape), z)
+    probs = torch.ones(1, dtype=torch.float64).expand(4)  # a stride-0 category dimension is kept
+    assert compact(probs, keep_last=1).shape == (4,)
+
+
+@pytest.mark.parametrize("shapes", [((5, 1, 2), (7, 2), ()), ((3,), (1,), (4, 1)), ((0, 1), (1, 3))])
+def test_fast_broadcast_shapes_equals_torch(shapes):
+    from pyro_cavi.cavi.symbolic import broadcast_shapes
+
+    assert broadcast_shapes(*map(torch.Size, shapes)) == torch.broadcast_shapes(*shapes)
+
+
+def test_fast_broadcast_shapes_refuses_what_torch_refuses():
+    from pyro_cavi.cavi.symbolic import broadcast_shapes
+
+    with pytest.raises(RuntimeError):
+        torch.broadcast_shapes((3, 2), (4, 2))
+    with pytest.raises(RuntimeError, match=r"\(4, 2\)"):
+        broadcast_shapes(torch.Size([3, 2]), torch.Size([4, 2]))
