@@ -411,8 +411,9 @@ class CAVI:
     def _expected_log_joint_one(self, terms, mu) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         # the expectations' einsums are written in a good contraction order; opt_einsum's path
-        # search would cost more than the contractions themselves
-        with memoize(self._memo), torch.backends.opt_einsum.flags(enabled=False):
+        # search would cost more than the contractions themselves (with restarts swept together
+        # the search is paid once for all of them, and the restart dimension changes the best order)
+        with memoize(self._memo), torch.backends.opt_einsum.flags(enabled=self._batch is not None):
             for t in terms:
                 total = total + self._contract(t, mu)
         return total
