@@ -7,7 +7,6 @@ initialisation that restart r of ``run(num_restarts=R)`` draws (the engine's see
 runs on from one initialisation to the next, as in a sequential run).
 """
 
-import math
 import pathlib
 import sys
 

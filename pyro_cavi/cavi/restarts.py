@@ -14,11 +14,13 @@ update :math:`\eta_i^{(r)*} = \partial E_{q^{(r)}}[\log p] / \partial \mu_i^{(r)
 coordinate ascent on :math:`\mathcal{L}` is exactly :math:`R` independent CAVI runs.
 
 Here every factor's tensors (natural or mean parameters) carry a leading restart dimension
-of size :math:`R`. The factor updates are elementwise or batched linear algebra, so they
-run on the stacked tensors unchanged; :math:`E_q[\log p]` and the entropies are written for
-one restart and evaluated for all of them with :func:`torch.func.vmap`, which gives each
-restart's ELBO as one entry of a vector. The model is traced once, in its own shapes: it
-need not be written to broadcast over an extra batch dimension.
+of size :math:`R`. The updates of the common families are elementwise or batched linear
+algebra, so they run on the stacked tensors unchanged (other families, e.g. joint
+Normal-Gamma factors, are updated restart by restart); :math:`E_q[\log p]` and the entropies
+are written for one restart and evaluated for all of them with :func:`torch.func.vmap`,
+which gives each restart's ELBO as one entry of a vector (:mod:`.batching` keeps the costly
+products efficient under vmap). The model is traced once, in its own shapes: it need not be
+written to broadcast over an extra batch dimension.
 
 Restarts converge at different sweeps; a converged restart is taken out of the batch (its
 factors are kept as they were at convergence), so each restart stops exactly where a
@@ -29,7 +31,7 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -122,7 +124,6 @@ class RestartBatch:
 
     ids: List[int]
     attrs: Dict[str, List[str]]
-    traces: List[List[float]] = field(default_factory=list)
 
     @property
     def size(self) -> int:
