@@ -21,6 +21,22 @@ smoothed log weights and raw log ratios go to ``sample_stats`` (``log_weight``,
 ``log_ratio``), k-hat, its reading and the ESS to ``attrs`` (``psis_khat``, ...);
 ``psis="resample"`` instead puts importance-resampled draws in ``posterior``.
 
+``heldout=(predictive, data)`` scores held-out data instead of the model's observed sites.
+``predictive(draw)`` receives one posterior draw (a dict: every latent site of the model, global
+and local, at that draw) and returns the predictive distribution of the held-out observations
+given the draw's global parameters, with the held-out points' own local latents marginalised,
+
+.. math:: p(y_\star \mid x_\star, \theta_s) = \int p(y_\star \mid u_\star, x_\star, \theta_s)\,
+          p(u_\star \mid x_\star, \theta_s)\, du_\star ,
+
+as a ``torch.distributions.Distribution`` whose ``batch_shape + event_shape`` is the shape of
+``data`` (or a dict ``name -> Distribution`` with ``data`` a dict ``name -> tensor``). Then
+``log_likelihood`` holds ``log p(y_star | x_star, theta_s)`` per held-out point and draw,
+``posterior_predictive`` a draw from each distribution and ``observed_data`` the held-out data, so
+``az.loo`` / ``az.compare`` rank fits by their held-out predictive density (a model whose local
+latents cannot be summed out exactly, e.g. a conditional mixture network's hidden units, passes a
+Monte Carlo average over them). The ``posterior`` group is unchanged.
+
 A list of fits (e.g. CAVI from several seeds) gives one chain per fit, so ``az.rhat`` /
 ``az.plot_trace`` flag fits that ended in different optima; ``attrs`` hold each chain's
 ELBO (``chain_elbo``), the best one (``best_elbo``) and its chain (``best_chain``).
@@ -34,7 +50,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -90,7 +106,57 @@ def _latent_draws(guide, model, args, kwargs, num_samples):
         return {n: torch.stack([r.nodes[n]["value"] for r in rows]) for n in latent if n in rows[0].nodes}, plain
 
 
-def _draw(guide, model, args, kwargs, num_samples, values=None):
+def _heldout_names(heldout, model_observed) -> Dict[str, torch.Tensor]:
+    """The held-out data as a dict ``name -> tensor``; a bare tensor takes the name of the
+    model's observed site, so the log likelihood lines up with fits exported without ``heldout``."""
+    data = heldout[1]
+    if isinstance(data, dict):
+        bad = [k for k, v in data.items() if not isinstance(v, torch.Tensor)]
+        if bad:
+            raise TypeError(f"heldout data must be tensors, got {type(data[bad[0]]).__name__} for {bad[0]!r}")
+        if not data:
+            raise ValueError("heldout data is an empty dict")
+        return dict(data)
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"heldout data must be a tensor or a dict of tensors, got {type(data).__name__}")
+    if len(model_observed) != 1:
+        raise ValueError(
+            f"heldout data is one tensor but the model has observed sites {sorted(model_observed)}; "
+            "pass a dict name -> tensor and have the predictive return a dict name -> Distribution"
+        )
+    return {model_observed[0]: data}
+
+
+def _heldout_draw(predictive, draw, data):
+    """Log likelihood and one predictive draw of the held-out data for one posterior draw."""
+    out = predictive(draw)
+    if isinstance(out, torch.distributions.Distribution):
+        if len(data) != 1:
+            raise ValueError(f"heldout predictive returned one Distribution, but the held-out data are {sorted(data)}")
+        out = {next(iter(data)): out}
+    if not isinstance(out, dict) or not all(isinstance(d, torch.distributions.Distribution) for d in out.values()):
+        raise TypeError(f"heldout predictive must return a Distribution or a dict of them, got {type(out).__name__}")
+    if out.keys() != data.keys():
+        raise ValueError(f"heldout predictive returned {sorted(out)} but the held-out data are {sorted(data)}")
+    log_lik, yrep = {}, {}
+    for name, d in out.items():
+        shape = d.batch_shape + d.event_shape
+        if shape != data[name].shape:
+            raise ValueError(
+                f"heldout predictive for {name!r} has batch_shape + event_shape {tuple(shape)}, "
+                f"but the held-out data have shape {tuple(data[name].shape)}"
+            )
+        lp = d.log_prob(data[name])
+        if lp.dim() == 0:
+            raise ValueError(
+                f"heldout predictive for {name!r} gives one log density for all held-out data; "
+                "give it a batch dimension per point (no .to_event over the points)"
+            )
+        log_lik[name], yrep[name] = _numpy(lp), _numpy(d.sample())
+    return log_lik, yrep
+
+
+def _draw(guide, model, args, kwargs, num_samples, values=None, heldout=None):
     posterior: Dict[str, list] = defaultdict(list)
     predictive: Dict[str, list] = defaultdict(list)
     log_lik: Dict[str, list] = defaultdict(list)
@@ -99,6 +165,8 @@ def _draw(guide, model, args, kwargs, num_samples, values=None):
             values, plain = _latent_draws(guide, model, args, kwargs, num_samples)
         else:
             plain = poutine.trace(model).get_trace(*args, **kwargs)
+        if heldout is not None:
+            data = _heldout_names(heldout, [name for name, _, is_obs in _sites(plain) if is_obs])
         for i in range(num_samples):
             tr = poutine.trace(poutine.condition(model, data={k: v[i] for k, v in values.items()})).get_trace(
                 *args, **kwargs
@@ -106,9 +174,17 @@ def _draw(guide, model, args, kwargs, num_samples, values=None):
             for name, site, is_obs in _sites(tr):
                 if name in values or not is_obs:
                     posterior[name].append(_numpy(site["value"]))
-                else:
+                elif heldout is None:
                     log_lik[name].append(_numpy(_pointwise_log_prob(site)))
                     predictive[name].append(_numpy(site["fn"].sample()))
+            if heldout is not None:
+                draw = {name: site["value"] for name, site, is_obs in _sites(tr) if name in values or not is_obs}
+                ll, yrep = _heldout_draw(heldout[0], draw, data)
+                for name in data:
+                    log_lik[name].append(ll[name])
+                    predictive[name].append(yrep[name])
+    if heldout is not None:
+        return posterior, predictive, log_lik, {name: _numpy(v) for name, v in data.items()}
     observed = {name: _numpy(site["value"]) for name, site, is_obs in _sites(plain) if is_obs}
     return posterior, predictive, log_lik, observed
 
@@ -118,7 +194,7 @@ def _final_elbo(fit) -> Optional[float]:
     return float(trace[-1]) if trace else None
 
 
-def _chain(fit, model, args, kwargs, num_samples, psis):
+def _chain(fit, model, args, kwargs, num_samples, psis, heldout=None):
     """One chain: posterior draws, predictive, log likelihood, observed data and its statistics."""
     guide = getattr(fit, "guide", fit)
     if not callable(guide):
@@ -135,7 +211,7 @@ def _chain(fit, model, args, kwargs, num_samples, psis):
             values = res.draws
             stats["log_weight"] = _numpy(res.log_weights)
             stats["log_ratio"] = _numpy(res.log_ratios)
-    return _draw(guide, model, args, kwargs, num_samples, values), stats
+    return _draw(guide, model, args, kwargs, num_samples, values, heldout), stats
 
 
 def _stack(chains: List[Dict[str, list]]) -> Dict[str, np.ndarray]:
@@ -163,6 +239,7 @@ def to_inference_data(
     *args,
     num_samples: int = 1000,
     psis: Union[bool, str] = False,
+    heldout: Optional[Tuple[Callable[[Dict[str, torch.Tensor]], Any], Any]] = None,
     **kwargs,
 ):
     """ArviZ ``InferenceData`` for a fitted engine (``CAVI``, ``ForwardKL``, ...) or a guide.
@@ -185,7 +262,9 @@ def to_inference_data(
     fits = list(fit) if isinstance(fit, (list, tuple)) else [fit]
     if not fits:
         raise ValueError("to_inference_data: the list of fits is empty")
-    chains = [_chain(f, model, args, kwargs, num_samples, psis) for f in fits]
+    if heldout is not None and not (isinstance(heldout, (tuple, list)) and len(heldout) == 2 and callable(heldout[0])):
+        raise TypeError(f"heldout must be a pair (predictive callable, data), got {heldout!r:.80}")
+    chains = [_chain(f, model, args, kwargs, num_samples, psis, heldout) for f in fits]
     posterior, predictive, log_lik = (_stack([c[0][i] for c in chains]) for i in range(3))
     observed = chains[0][0][3]
 

@@ -246,3 +246,188 @@ def test_psis_export_of_an_nghvi_hybrid_guide():
             log_q = guide.global_guide.get_posterior().log_prob(u) - u[-2:].sum()
         ref = joint.log_prob_sum() - cond - log_q
         assert lr[s] == pytest.approx(ref.item(), abs=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# held-out data: log likelihood per held-out point, local latents marginalised by the caller
+
+
+def test_heldout_log_likelihood_is_the_predictive_density_of_each_draw(data):
+    X, y = data
+    g = torch.Generator().manual_seed(5)
+    X_new = torch.randn(15, 2, generator=g, dtype=torch.float64)
+    y_new = X_new @ torch.tensor([1.0, -2.0], dtype=torch.float64) + 0.5 * torch.randn(15, generator=g, dtype=torch.float64)
+    cavi = CAVI(regression)
+    cavi.run(X, y, progress=False)
+    seen = []
+
+    def predictive(draw):
+        seen.append(sorted(draw))
+        return dist.Normal(X_new @ draw["w"], draw["tau"].rsqrt())
+
+    idata = to_inference_data([cavi, cavi], regression, X, y, num_samples=300, heldout=(predictive, y_new))
+    assert seen[0] == ["tau", "w"] and len(seen) == 600  # one call per draw and chain
+    w, tau = (torch.as_tensor(idata.posterior[k].values) for k in ("w", "tau"))
+    assert w.shape == (2, 300, 2)  # the posterior group is the usual one
+    ll = idata.log_likelihood["y"].values
+    assert ll.shape == (2, 300, 15)
+    ref = dist.Normal(w @ X_new.T, tau.unsqueeze(-1).rsqrt()).log_prob(y_new)
+    np.testing.assert_allclose(ll, ref.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_array_equal(idata.observed_data["y"].values, y_new.numpy())
+    yrep = idata.posterior_predictive["y"].values
+    assert yrep.shape == (2, 300, 15)
+    # replicated data: mean X_new E[w], spread (E[1/tau] + X_new Cov[w] X_new^T)^(1/2)
+    q = cavi.posterior["w"]
+    sd = np.sqrt(float((1 / tau).mean()) + ((X_new @ q.covariance_matrix) * X_new).sum(-1).numpy())
+    assert np.all(np.abs(yrep.reshape(600, 15).mean(0) - (X_new @ q.mean).numpy()) < 5 * sd / np.sqrt(600))
+    assert np.isfinite(az.loo(idata).elpd_loo)
+
+
+def test_heldout_errors_name_the_problem(data):
+    X, y = data
+    cavi = CAVI(regression)
+    cavi.run(X, y, num_steps=5, progress=False)
+    X_new, y_new = X[:7], y[:7]
+
+    def good(draw):
+        return dist.Normal(X_new @ draw["w"], 1.0)
+
+    with pytest.raises(TypeError, match="pair"):
+        to_inference_data(cavi, regression, X, y, num_samples=3, heldout=good)
+    with pytest.raises(ValueError, match=r"batch_shape \+ event_shape \(7,\).*shape \(6,\)"):
+        to_inference_data(cavi, regression, X, y, num_samples=3, heldout=(good, y_new[:6]))
+    with pytest.raises(ValueError, match="one log density"):
+        to_inference_data(cavi, regression, X, y, num_samples=3, heldout=(lambda d: good(d).to_event(1), y_new))
+    with pytest.raises(TypeError, match="Distribution"):
+        to_inference_data(cavi, regression, X, y, num_samples=3, heldout=(lambda d: X_new @ d["w"], y_new))
+    with pytest.raises(ValueError, match=r"returned \['y'\].*\['y_test'\]"):
+        to_inference_data(cavi, regression, X, y, num_samples=3, heldout=(lambda d: {"y": good(d)}, {"y_test": y_new}))
+    with pytest.raises(TypeError, match="tensor"):
+        to_inference_data(cavi, regression, X, y, num_samples=3, heldout=(good, y_new.tolist()))
+
+    def two_outputs(X, y=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=X.dtype), 1.0).to_event(1))
+        with pyro.plate("data", X.shape[0]):
+            pyro.sample("y", dist.Normal(X @ w, 1.0), obs=y)
+            pyro.sample("y2", dist.Normal(X @ w, 2.0), obs=y)
+
+    fit2 = CAVI(two_outputs)
+    fit2.run(X, y, num_steps=3, progress=False)
+    with pytest.raises(ValueError, match=r"observed sites \['y', 'y2'\]"):
+        to_inference_data(fit2, two_outputs, X, y, num_samples=3, heldout=(good, y_new))
+    both = to_inference_data(
+        fit2, two_outputs, X, y, num_samples=3, heldout=(lambda d: {"y": good(d), "y2": good(d)}, {"y": y_new, "y2": y_new})
+    )
+    assert set(both.log_likelihood.data_vars) == {"y", "y2"}
+
+
+# a conditional mixture network: held-out log likelihood with the hidden units x1 and the
+# gate z of each held-out point summed out
+
+
+def _tilde(x):
+    return torch.cat([x, torch.ones(x.shape[:-1] + (1,), dtype=x.dtype)], -1)
+
+
+def cmn_heldout_predictive(draw, X_new, num_x1=64):
+    """p(y | x_new, theta) = sum_k pi_k(x_new) E_{x1 ~ N(A_k x~, 1/gamma_k)}[SB(y | B [x1, 1])],
+    the expectation over x1 by ``num_x1`` Monte Carlo draws per expert and point."""
+    from pyro_cavi.distributions import StickBreakingCategorical
+
+    Xt = _tilde(X_new)
+    log_w = StickBreakingCategorical(Xt @ draw["gate"].T).log_probs  # (N, K)
+    loc = torch.einsum("khd,nd->nkh", draw["A"], Xt)  # (N, K, h)
+    x1 = loc + draw["prec"].rsqrt() * torch.randn((num_x1,) + loc.shape, dtype=loc.dtype)
+    log_p = StickBreakingCategorical(_tilde(x1) @ draw["out"].T).log_probs  # (M, N, K, L)
+    log_p = torch.logsumexp(log_p, 0) - np.log(num_x1)
+    return dist.Categorical(logits=torch.logsumexp(log_w.unsqueeze(-1) + log_p, -2))
+
+
+class _Tiled:
+    """Given posterior draws, dressed as ``cavi.posterior`` for ``cmn.predict_proba``: asking
+    for S samples returns the draws repeated S / len(draws) times."""
+
+    class _Site:
+        def __init__(self, value):
+            self.value = value
+
+        def sample(self, sample_shape):
+            reps, rest = divmod(sample_shape[0], self.value.shape[0])
+            assert rest == 0
+            return self.value.repeat((reps,) + (1,) * (self.value.dim() - 1))
+
+    def __init__(self, draws):
+        self.posterior = {k: self._Site(v) for k, v in draws.items()}
+
+
+@pytest.fixture(scope="module")
+def cmn_fits():
+    """CAVI (50 sweeps) and a short SVI run (150 steps) of one small CMN on pinwheels, both
+    exported with the held-out log likelihood of 200 test points."""
+    import functools
+    import pathlib
+    import sys
+
+    from pyro.infer import config_enumerate
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "models"))
+    import cmn
+    from benchmarks.cmn_baselines import fit_bbvi
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        pyro.set_rng_seed(0)
+        X, y = cmn.pinwheels(60, seed=1)
+        X = (X - X[:100].mean(0)) / X[:100].std(0)
+        Xtr, ytr, Xte, yte = X[:100], y[:100], X[100:], y[100:]
+        K = 5
+        cavi = cmn.fit_cavi(Xtr, ytr, num_experts=K, num_steps=50, seed=0)
+        heldout = (lambda d: cmn_heldout_predictive(d, Xte), yte)
+        model = functools.partial(cmn.cmn, num_experts=K)
+        idata_cavi = to_inference_data(cavi, model, Xtr, ytr, num_samples=100, heldout=heldout)
+        svi = fit_bbvi(Xtr, ytr, num_experts=K, num_steps=150, seed=0)
+        idata_svi = to_inference_data(svi.guide, config_enumerate(model), Xtr, ytr, num_samples=100, heldout=heldout)
+    finally:
+        torch.set_default_dtype(old)
+    return {"cmn": cmn, "Xte": Xte, "yte": yte, "cavi": idata_cavi, "svi": idata_svi}
+
+
+def test_cmn_heldout_log_likelihood_matches_predict_proba(cmn_fits):
+    cmn, Xte, yte, idata = cmn_fits["cmn"], cmn_fits["Xte"], cmn_fits["yte"], cmn_fits["cavi"]
+    ll = idata.log_likelihood["y"].values[0]
+    assert ll.shape == (100, 200) and idata.posterior_predictive["y"].shape == (1, 100, 200)
+    np.testing.assert_array_equal(idata.observed_data["y"].values, yte.numpy())
+    assert idata.posterior["x1"].shape == (1, 100, 100, 4)  # training-point locals stay in the posterior
+    draws = {k: torch.as_tensor(idata.posterior[k].values[0]) for k in ("gate", "A", "prec", "out")}
+    rows = torch.arange(len(yte))
+    with torch.no_grad():
+        # per draw: predict_proba on that one draw, x1 drawn 1000 times
+        for s in range(3):
+            ref = cmn.predict_proba(_Tiled({k: v[s : s + 1] for k, v in draws.items()}), Xte, num_samples=1000)
+            other = cmn.predict_proba(_Tiled({k: v[s + 1 : s + 2] for k, v in draws.items()}), Xte, num_samples=1000)
+            err = np.abs(np.exp(ll[s]) - ref[rows, yte].numpy()).mean()
+            assert err < 0.03 and err < 0.5 * np.abs(np.exp(ll[s]) - other[rows, yte].numpy()).mean()
+        # over the draws: the posterior predictive of the true class, draws repeated 20 times
+        ref = cmn.predict_proba(_Tiled(draws), Xte, num_samples=100 * 20)[rows, yte].numpy()
+    assert np.abs(np.exp(ll).mean(0) - ref).max() < 0.03
+    # the posterior predictive draws are labels with the predicted class frequencies
+    yrep = idata.posterior_predictive["y"].values[0]
+    assert yrep.min() >= 0 and yrep.max() <= 4
+    assert np.abs((yrep == yte.numpy()).mean() - ref.mean()) < 0.03
+
+
+def test_az_compare_ranks_cavi_cmn_above_a_short_svi_fit(cmn_fits):
+    fits = {"cavi": cmn_fits["cavi"], "svi": cmn_fits["svi"]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loo = {name: az.loo(idata) for name, idata in fits.items()}
+        table = az.compare(fits)
+    assert all(np.isfinite(l.elpd_loo) for l in loo.values())
+    assert list(table.index) == ["cavi", "svi"]
+    for name in fits:
+        assert table.loc[name, "elpd_loo"] == pytest.approx(loo[name].elpd_loo)
+    # the SVI export has the same variable and points, so az.compare pairs them point by point
+    assert fits["svi"].log_likelihood["y"].shape == (1, 100, 200)
+    assert table.loc["svi", "elpd_diff"] > 2 * table.loc["svi", "dse"]
