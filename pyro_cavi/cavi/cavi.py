@@ -53,6 +53,7 @@ from ..distributions.stick_breaking import StickBreakingCategorical
 from . import normal_gamma
 from .rules import expected_log_prob, has_latent_logits, pg_name, unwrap
 from .symbolic import Lin, Sym, identity_lin, identity_pos, memoize
+from .restarts import RestartBatch, run_batched
 from .tracing import LatentSite, Term, prior_structure, symbolic_trace
 
 Tensor = torch.Tensor
@@ -75,6 +76,7 @@ class CAVIResult:
     converged: bool
     restart: int = 0
     restart_elbos: List[float] = field(default_factory=list)
+    restart_traces: List[List[float]] = field(default_factory=list)
 
 
 class CAVI:
@@ -85,6 +87,11 @@ class CAVI:
         ``None`` uses Pyro's global RNG, so results follow ``pyro.set_rng_seed``.
     :param num_restarts: :meth:`run` fits from this many initialisations and keeps the
         one with the best ELBO.
+    :param batch_restarts: fit the restarts together, every sweep vectorised over them
+        (:mod:`.restarts`; the same fits as one after another, at a fraction of the cost).
+        ``None`` (default) batches them whenever ``num_restarts > 1`` and the model has no
+        subsampled plate and no ``shard_plate``; ``False`` runs them one after another;
+        ``True`` insists (and runs even a single restart through the batched sweep).
     :param step_size: ``(tau, kappa)`` of the Robbins-Monro step size
         :math:`\\rho_t = (t + \\tau)^{-\\kappa}` used when the model subsamples a plate
         (stochastic CAVI, Hoffman et al. 2013).
@@ -112,6 +119,7 @@ class CAVI:
     """
 
     def __init__(self, model, *, seed: Optional[int] = None, num_restarts: int = 1,
+                 batch_restarts: Optional[bool] = None,
                  joint: Sequence[Sequence[str]] = (), init: str = "kmeans++",
                  step_size: tuple = (1.0, 0.7), local_iters: int = 3, shard_plate: Optional[str] = None):
         if init not in ("kmeans++", "forgy"):
@@ -125,8 +133,15 @@ class CAVI:
         self.shard_plate = shard_plate
         self.stochastic = False
         self._t = 0
-        if num_restarts < 1:
-            raise ValueError(f"num_restarts must be >= 1, got {num_restarts}")
+        if isinstance(num_restarts, bool) or not isinstance(num_restarts, int) or num_restarts < 1:
+            raise ValueError(f"num_restarts must be an integer >= 1, got {num_restarts!r}")
+        if batch_restarts not in (None, True, False):
+            raise ValueError(f"batch_restarts must be None, True or False, got {batch_restarts!r}")
+        if batch_restarts and shard_plate is not None:
+            raise ValueError("batch_restarts=True cannot be combined with shard_plate; use batch_restarts=False")
+        self.batch_restarts = batch_restarts
+        self._batch: Optional[RestartBatch] = None  # set while restarts are swept together
+        self._restart_states: list = []
         self.joint = [tuple(g) for g in joint]
         seen = set()
         for group in self.joint:
@@ -349,8 +364,11 @@ class CAVI:
         self._add_member_moments(mu)
         return mu
 
-    def _add_member_moments(self, mu: Dict[str, tuple]) -> None:
-        """The members of joint Normal-Gamma factors, read off the joint mean parameters."""
+    def _add_member_moments(self, mu: Dict[str, tuple], batched: bool = False) -> None:
+        """The members of joint Normal-Gamma factors, read off the joint mean parameters
+        (with restarts swept together: per restart, inside the vectorised evaluation)."""
+        if self._batch is not None and not batched:
+            return
         for group, (w, tau) in self._normal_gamma.items():
             normal_gamma.add_member_moments(mu, group, self.latents[w], self.latents[tau])
 
@@ -380,10 +398,22 @@ class CAVI:
         return expected_log_prob(term.name, term.fn, term.value, self._expect_factors(), mu, weight=weight, cache=self._cache)
 
     def _expected_log_joint(self, terms, mu) -> Tensor:
+        if self._batch is not None:  # summed over restarts: its gradient is each restart's own
+            return self._batch.expected_log_joint(self._restart_expected_log_joint, terms, mu).sum()
+        return self._expected_log_joint_one(terms, mu)
+
+    def _restart_expected_log_joint(self, terms, mu) -> Tensor:
+        """One restart's expected log joint (evaluated under vmap, :mod:`.restarts`)."""
+        mu = dict(mu)
+        self._add_member_moments(mu, batched=True)
+        return self._expected_log_joint_one(terms, mu)
+
+    def _expected_log_joint_one(self, terms, mu) -> Tensor:
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         # the expectations' einsums are written in a good contraction order; opt_einsum's path
-        # search would cost more than the contractions themselves
-        with memoize(self._memo), torch.backends.opt_einsum.flags(enabled=False):
+        # search would cost more than the contractions themselves (with restarts swept together
+        # the search is paid once for all of them, and the restart dimension changes the best order)
+        with memoize(self._memo), torch.backends.opt_einsum.flags(enabled=self._batch is not None):
             for t in terms:
                 total = total + self._contract(t, mu)
         return total
@@ -393,6 +423,9 @@ class CAVI:
         entropies scaled like their data)."""
         with torch.no_grad():
             mu = self._moments()
+            if self._batch is not None:  # one ELBO per restart
+                return (self._batch.expected_log_joint(self._restart_expected_log_joint, self.terms, mu)
+                        + self._batch.entropies(self.factors))
             if self.shard_plate is None:
                 h = sum(f.entropy() * self._entropy_scale(name) for name, f in self.factors.items())
                 return self._expected_log_joint(self.terms, mu) + h
@@ -441,6 +474,9 @@ class CAVI:
 
     # ------------------------------------------------------------------ updates
     def _update(self, name: str) -> None:
+        if self._batch is not None:  # restarts swept together
+            self.factors[name] = self._batch.update(name, self.factors[name], self._natural_grads(name))
+            return
         self.factors[name].update(self._natural_grads(name))
 
     def _natural_grads(self, name: str):
@@ -600,15 +636,18 @@ class CAVI:
         self._initialised = False
         self.elbo_trace = []
 
+    def _ensure_initialised(self) -> None:
+        if not self._initialised:
+            if self.seed is not None and self._generator is None:
+                self._generator = torch.Generator().manual_seed(self.seed)
+            self._initialise()
+
     # ------------------------------------------------------------------ public API
     @torch.no_grad()
     def step(self, *args, **kwargs) -> float:
         """One sweep over every factor; returns ``-ELBO`` (exact, closed form)."""
         self._prepare(args, kwargs)
-        if not self._initialised:
-            if self.seed is not None and self._generator is None:
-                self._generator = torch.Generator().manual_seed(self.seed)
-            self._initialise()
+        self._ensure_initialised()
         if self.stochastic:
             self._stochastic_step()
         else:
@@ -638,21 +677,52 @@ class CAVI:
         which the ELBO of a float32 fit stops changing.
 
         With ``num_restarts > 1`` the fit is repeated from fresh initialisations and the
-        one with the highest ELBO is kept.
+        one with the highest ELBO is kept (:meth:`select_restart` switches to another);
+        the restarts are swept together, vectorised, unless ``batch_restarts=False``
+        (see :mod:`.restarts`). Restart ``r`` starts from the same initialisation either way.
         """
-        best, best_state, elbos = None, None, []
+        if self.batch_restarts or (self.num_restarts > 1 and self.batch_restarts is None):
+            fresh = self._key is None
+            self._prepare(args, kwargs)
+            if not self.stochastic and self.shard_plate is None:
+                return run_batched(self, args, kwargs, num_steps, tol, progress, fresh)
+            if self.batch_restarts:
+                raise ValueError("batch_restarts=True: a model with a subsampled plate (stochastic CAVI) "
+                                 "cannot batch its restarts; use batch_restarts=False")
+            # (a model prepared just now has fresh factors: restart 0 below needs no reset)
+        best, best_state, elbos, traces, states = None, None, [], [], []
         for restart in range(self.num_restarts):
             if restart > 0 or self._key is None:
                 self._prepare(args, kwargs)
                 self._reset()
             result = self._run_once(args, kwargs, num_steps, tol, progress, restart)
             elbos.append(result.elbo)
+            traces.append(result.elbo_trace)
+            if self.num_restarts > 1:
+                states.append(self._state())
             if best is None or result.elbo > best.elbo:
-                best, best_state = result, self._state()
+                best, best_state = result, states[-1] if states else None
         if self.num_restarts > 1:
             self._load_state(best_state)
+            self._restart_states = states
         best.restart_elbos = elbos
+        best.restart_traces = traces
         return best
+
+    def select_restart(self, restart: int) -> None:
+        """Make restart ``restart`` of the last :meth:`run` the current fit (``run`` keeps the
+        one with the highest ELBO): ``posterior``, ``guide``, ``summary`` and further
+        ``step`` calls then follow it."""
+        if not self._restart_states:
+            if restart == 0 and self.factors:
+                return
+            raise RuntimeError("select_restart: call run() with num_restarts > 1 first")
+        if isinstance(restart, bool) or not isinstance(restart, int) or not 0 <= restart < len(self._restart_states):
+            raise ValueError(f"select_restart: restart must be an integer in [0, {len(self._restart_states)}), got {restart!r}")
+        import copy
+
+        factors, trace = self._restart_states[restart]
+        self._load_state((copy.deepcopy(factors), list(trace)))
 
     def _run_once(self, args, kwargs, num_steps, tol, progress, restart) -> CAVIResult:
         prev = None
@@ -677,6 +747,21 @@ class CAVI:
 
     def _load_state(self, state) -> None:
         self.factors, self.elbo_trace = state
+
+    def restart_fits(self) -> List["CAVI"]:
+        """Every restart of the last :meth:`run` as an engine of its own (sharing this one's
+        model structure), e.g. ``to_inference_data(cavi.restart_fits(), model, *args)`` for
+        the restarts as chains."""
+        import copy
+
+        if not self._restart_states:
+            raise RuntimeError("restart_fits: call run() with num_restarts > 1 first")
+        fits = []
+        for factors, trace in self._restart_states:
+            fit = copy.copy(self)
+            fit.factors, fit.elbo_trace, fit._restart_states = copy.deepcopy(factors), list(trace), []
+            fits.append(fit)
+        return fits
 
     @property
     def posterior(self) -> Dict[str, torch.distributions.Distribution]:

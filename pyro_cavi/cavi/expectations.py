@@ -28,6 +28,7 @@ import torch
 
 from .factors import ExpFamilyFactor, _NotASufficientStatistic
 from . import symbolic
+from .batching import const_matmul, is_batched as _is_batched
 from .symbolic import Bil, Expr, Lin, Poison, Pos, broadcast_shapes, compact, describe
 
 Tensor = torch.Tensor
@@ -131,11 +132,14 @@ def mean(x, factors: Dict[str, ExpFamilyFactor], mu: Moments) -> Tensor:
     out = e.const.expand(e.shape)
     for s, coef, idx, f, m, M in _lin_terms(e, factors, mu):
         if f.num_blocks == 1:
-            out = out + coef @ m[0]
+            out = out + (const_matmul(coef, m[0].unsqueeze(-1)).squeeze(-1) if _is_batched(m) else coef @ m[0])
             continue
         layout = _mean_layout(coef, idx, e.shape, m.shape[0])
         if layout is None:
             out = out + (coef * m[idx]).sum(-1)
+        elif _is_batched(m):  # restarts swept together (.restarts): fold them into one product
+            rows, unsort = layout
+            out = out + const_matmul(rows, m.unsqueeze(-1)).reshape(-1).index_select(0, unsort).reshape(e.shape)
         else:  # rows grouped by block: one batched product instead of a gather of block means
             rows, unsort = layout
             out = out + (rows @ m.unsqueeze(-1)).reshape(-1)[unsort].reshape(e.shape)
@@ -226,7 +230,8 @@ def weighted_second_moment(x, weight, factors, mu, cache: Optional[dict] = None)
             total = total + _blocked_quadratic(coef, idx, e.shape, full, weight, cov, cache)
             continue
         w = weight.detach()
-        if reps == 1 and (w.numel() == 1 or bool((w == w.reshape(-1)[0]).all())):
+        # (restarts swept together: a batched weight's values cannot steer control flow under vmap)
+        if reps == 1 and (w.numel() == 1 or (not _is_batched(w) and bool((w == w.reshape(-1)[0]).all()))):
             gram = _gram(coef, e.shape, cache)
             total = total + weight.reshape(-1)[0] * (gram * cov[0]).sum()
         else:
@@ -389,7 +394,7 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
         cov = M - mm.unsqueeze(-1) * mm.unsqueeze(-2)
         if f.num_blocks == 1:
             a = coef.expand(small + coef.shape[-1:])
-            total = total + (w_small * ((a @ cov[0]) * a).sum(-1)).sum()
+            total = total + (w_small * ((const_matmul(a, cov[0]) * a).sum(-1))).sum()
         else:
             total = total + _blocked_quadratic(coef, idx, small, small, w_small, cov, cache)
     return total
@@ -431,6 +436,11 @@ def _blocked_quadratic(coef, idx, shape, full, weight, cov, cache) -> Tensor:
         if cache is not None:
             cache[key] = (coef, idx, perm, rows, counts)
     w = weight.expand(full).reshape(-1)[perm]
+    if not isinstance(rows, tuple) and (_is_batched(w) or _is_batched(cov)):
+        outer = _shared_outer(rows, key, cache)
+        if outer is not None:  # restarts swept together: one GEMM for every restart's Gram matrices
+            gram = (w.reshape(rows.shape[:-1]) @ outer).reshape(cov.shape)
+            return (gram * cov).sum()
     if isinstance(rows, tuple):  # blocks of unequal sizes: scatter the weighted outer products
         a, block = rows
         gram = torch.zeros_like(cov).index_add_(0, block, (w.unsqueeze(-1) * a).unsqueeze(-1) * a.unsqueeze(-2))
@@ -438,6 +448,26 @@ def _blocked_quadratic(coef, idx, shape, full, weight, cov, cache) -> Tensor:
         wa = w.reshape(rows.shape[:-1]).unsqueeze(-1) * rows
         gram = wa.mT @ rows
     return (gram * cov).sum()
+
+
+def _shared_outer(rows: Tensor, key, cache: Optional[dict]) -> Optional[Tensor]:
+    """When every block has the same coefficient rows :math:`a_1..a_n` (``A[z] @ x`` with the
+    same ``x`` for each expert and output row), the outer products :math:`a_j a_jᵀ` flattened,
+    shape ``(n, n_e²)``, so that the Gram matrices of all blocks are one matrix product
+    :math:`G = W O`; None otherwise (or when ``O`` would be larger than the rows). Under
+    :func:`torch.func.vmap` this product folds the restarts into its rows, where the batched
+    ``Aᵀ W A`` of :func:`_blocked_quadratic` copies the rows once per restart."""
+    okey = ("shared-outer",) + key[1:]
+    hit = cache.get(okey) if cache is not None else None
+    if hit is not None and hit[0] is rows:
+        return hit[1]
+    num_blocks, n, ne = rows.shape
+    outer = None
+    if ne <= num_blocks and torch.equal(rows, rows[:1].expand_as(rows)):
+        outer = (rows[0].unsqueeze(-1) * rows[0].unsqueeze(-2)).reshape(n, ne * ne)
+    if cache is not None:
+        cache[okey] = (rows, outer)
+    return outer
 
 
 def _gram(coef: Tensor, shape: torch.Size, cache: Optional[dict]) -> Tensor:
