@@ -144,7 +144,8 @@ def svi_params(model: str, guide) -> dict:
         return {"weights": med["weights"], "locs": med["locs"]}
 
 
-def worker(model: str, method: str, n: int, batch: int, shard_size: int, passes: float, full_n: int, seed: int) -> dict:
+def worker(model: str, method: str, n: int, batch: int, shard_size: int, passes: float, full_n: int, seed: int,
+           full_sweeps: int = 500) -> dict:
     import torch
 
     import pyro
@@ -167,7 +168,7 @@ def worker(model: str, method: str, n: int, batch: int, shard_size: int, passes:
         del shards
         fn, args = call(model, batch_all, full_n)
         cavi = CAVI(fn, seed=seed)
-        result = cavi.run(*args, num_steps=500, tol=1e-10, progress=False)
+        result = cavi.run(*args, num_steps=full_sweeps, tol=1e-10, progress=False)
         peak = _status("VmHWM") - base
         rows.append({"passes": result.num_steps, "cpu": time.process_time() - cpu0, "wall": time.perf_counter() - wall0,
                      "lpd": heldout_lpd(model, cavi_params(model, cavi), test), "elbo": result.elbo / full_n,
@@ -206,7 +207,7 @@ def run(model, method, a) -> dict:
     print(f"[{time.strftime('%H:%M:%S')}] {model} {method}", file=sys.stderr, flush=True)
     out = subprocess.run(
         [sys.executable, os.path.abspath(__file__), "--worker", json.dumps([model, method, a.n, a.batch, a.shard_size,
-                                                                            a.passes, a.full_n, a.seed])],
+                                                                            a.passes, a.full_n, a.seed, a.full_sweeps])],
         check=True, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT),
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -258,5 +259,6 @@ if __name__ == "__main__":
     parser.add_argument("--passes", type=float, default=0.3)
     parser.add_argument("--full-n", type=int, default=1_000_000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--full-sweeps", type=int, default=500, help="at most this many full-batch CAVI sweeps")
     parser.add_argument("--models", nargs="+", default=["linear", "logistic", "mixture"])
     main(parser.parse_args())
