@@ -54,6 +54,7 @@ from . import normal_gamma
 from .rules import expected_log_prob, has_latent_logits, pg_name, unwrap
 from .symbolic import Lin, Sym, identity_lin, identity_pos, memoize
 from .restarts import RestartBatch, run_batched
+from .stochastic import fit_locals, rebind_minibatch, remember_structure, stochastic_step
 from .tracing import LatentSite, Term, prior_structure, symbolic_trace
 
 Tensor = torch.Tensor
@@ -132,6 +133,7 @@ class CAVI:
         self.local_iters = local_iters
         self.shard_plate = shard_plate
         self.stochastic = False
+        self.reuse_structure = True  # stochastic CAVI: re-trace minibatches against the cached analysis
         self._t = 0
         if isinstance(num_restarts, bool) or not isinstance(num_restarts, int) or num_restarts < 1:
             raise ValueError(f"num_restarts must be an integer >= 1, got {num_restarts!r}")
@@ -187,8 +189,11 @@ class CAVI:
         return True
 
     def _prepare(self, args, kwargs) -> None:
-        # a subsampling model draws a new minibatch on every call: always retrace it
+        # a subsampling model draws a new minibatch on every call: always retrace it, keeping
+        # the structural analysis when the structure is unchanged
         if not self.stochastic and self._same_args(args, kwargs):
+            return
+        if self.stochastic and self.reuse_structure and rebind_minibatch(self, args, kwargs):
             return
         key = (tuple(args), dict(kwargs))
         self._memo, self._cache = {}, {}
@@ -211,6 +216,7 @@ class CAVI:
                     raise
                 self._dense.add(e.site)
                 self.factors[e.site] = self._make_factor(self.latents[e.site], None)
+        remember_structure(self, subsampled)
         self._key = key
         if not old:
             self._initialised = False
@@ -452,25 +458,8 @@ class CAVI:
         return site is not None and site.local
 
     def _stochastic_step(self) -> None:
-        """Stochastic CAVI (Hoffman, Blei, Wang & Paisley 2013): local factors get their exact
-        update on the minibatch; each global factor moves its natural parameters a step
-        :math:`\\rho_t` towards the update the minibatch (rescaled to the full data) implies:
-        :math:`\\eta \\leftarrow (1 - \\rho_t)\\eta + \\rho_t \\hat\\eta`."""
-        tau, kappa = self.step_size
-        rho = (self._t + tau) ** (-kappa) if (self._t + tau) > 0 else 1.0
-        local = [n for n in self.factors if self._is_local(n)]
-        for _ in range(self.local_iters):
-            for name in local:
-                self._update(name)
-        for name, f in self.factors.items():
-            if name in local:
-                continue
-            target = self._natural_grads(name)
-            if rho >= 1.0:
-                f.update(target)
-            else:
-                f.update(tuple((1 - rho) * a + rho * b for a, b in zip(f.natural(), target)))
-        self._t += 1
+        """One step of stochastic CAVI (Hoffman et al. 2013); see :mod:`.stochastic`."""
+        stochastic_step(self)
 
     # ------------------------------------------------------------------ updates
     def _update(self, name: str) -> None:
@@ -665,9 +654,7 @@ class CAVI:
         the current global factors."""
         self._prepare(args, kwargs)
         if self.stochastic:
-            for _ in range(self.local_iters):
-                for name in [n for n in self.factors if self._is_local(n)]:
-                    self._update(name)
+            fit_locals(self)
         return -float(self._elbo())
 
     def run(self, *args, num_steps: int = 1000, tol: float = 1e-8, progress: bool = True, **kwargs) -> CAVIResult:

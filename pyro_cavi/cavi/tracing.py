@@ -188,17 +188,33 @@ def prior_structure(model, args, kwargs):
     return latents, observed, nesting, dtype, device, subsampled
 
 
-class SymbolicMessenger(Messenger):
-    """Replaces latent values by symbolic stand-ins and records every sample site as a :class:`Term`."""
+class StructureChanged(Exception):
+    """A re-trace against a cached structure met a latent site that is new or has a new shape."""
 
-    def __init__(self, values: Dict[str, Tensor]):
+
+class SymbolicMessenger(Messenger):
+    """Replaces latent values by symbolic stand-ins and records every sample site as a :class:`Term`.
+
+    With ``shapes`` (latent name -> shape of a cached structure) a latent site that is not
+    there or whose shape differs raises :class:`StructureChanged` instead of being traced,
+    and observed data are validated as :func:`prior_structure` does; ``subsampled`` collects
+    the names of the plates that draw a proper subsample."""
+
+    def __init__(self, values: Dict[str, Tensor], shapes: Optional[Dict[str, torch.Size]] = None):
         super().__init__()
         self.values = values
+        self.shapes = shapes
         self.terms: List[Term] = []
+        self.subsampled: set = set()
 
     def _process_message(self, msg):
         if msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg):
             return
+        if self.shapes is not None:
+            expected = self.shapes.get(msg["name"])
+            shape = msg["fn"].shape()
+            if expected is None or len(shape) < len(expected) or shape[len(shape) - len(expected):] != expected:
+                raise StructureChanged(msg["name"])
         if msg["name"] not in self.values:
             raise NonConjugateError(f"site {msg['name']!r} appeared in the model after tracing; its structure changed")
         msg["value"] = self.values[msg["name"]]
@@ -206,8 +222,14 @@ class SymbolicMessenger(Messenger):
         msg["infer"] = dict(msg["infer"], _cavi=True)
 
     def _postprocess_message(self, msg):
-        if msg["type"] != "sample" or msg["infer"].get("_deterministic") or site_is_subsample(msg):
+        if site_is_subsample(msg):
+            if msg["value"].shape[0] != msg["fn"].size:
+                self.subsampled.add(msg["name"])
             return
+        if msg["type"] != "sample" or msg["infer"].get("_deterministic"):
+            return
+        if self.shapes is not None and msg["is_observed"]:
+            _check_observed(msg["name"], msg)
         mask = msg["mask"] if isinstance(msg["mask"], torch.Tensor) else None
         if msg["mask"] is False:
             mask = torch.zeros((), dtype=torch.bool)
@@ -225,3 +247,13 @@ def symbolic_trace(model, args, kwargs, values: Dict[str, Tensor]) -> List[Term]
         with messenger:
             model(*args, **kwargs)
     return messenger.terms
+
+
+def symbolic_retrace(model, args, kwargs, values: Dict[str, Tensor], shapes: Dict[str, torch.Size]):
+    """:func:`symbolic_trace` against a cached structure (for a new minibatch): returns the terms
+    and the names of the subsampled plates, or raises :class:`StructureChanged`."""
+    with pyro.validation_enabled(False):
+        messenger = SymbolicMessenger(values, shapes)
+        with messenger:
+            model(*args, **kwargs)
+    return messenger.terms, messenger.subsampled
