@@ -436,9 +436,9 @@ def _blocked_quadratic(coef, idx, shape, full, weight, cov, cache) -> Tensor:
         if cache is not None:
             cache[key] = (coef, idx, perm, rows, counts)
     w = weight.expand(full).reshape(-1)[perm]
-    if not isinstance(rows, tuple) and (_is_batched(w) or _is_batched(cov)):
+    if not isinstance(rows, tuple):
         outer = _shared_outer(rows, key, cache)
-        if outer is not None:  # restarts swept together: one GEMM for every restart's Gram matrices
+        if outer is not None:  # every block sees the same rows: all Gram matrices are one GEMM
             gram = (w.reshape(rows.shape[:-1]) @ outer).reshape(cov.shape)
             return (gram * cov).sum()
     if isinstance(rows, tuple):  # blocks of unequal sizes: scatter the weighted outer products
