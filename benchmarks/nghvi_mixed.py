@@ -333,15 +333,22 @@ def deep_nuts_samples(args, opts):
     from models.mixed import DEEP_BETA, DEEP_TAU2, DEEP_WEIGHTS
 
     cache = pathlib.Path(opts.nuts_cache)
+    lock = cache.with_name(cache.name + ".lock")
+    while lock.exists() and not cache.exists():  # another process (--nuts-only) is sampling
+        time.sleep(30)
     if cache.exists():
         out = torch.load(cache)
         print(f"  deep: NUTS draws loaded from {cache}", file=sys.stderr)
         return out["samples"], out["cpu_seconds"]
     init = {"W1": DEEP_WEIGHTS[0], "W2": DEEP_WEIGHTS[1], "beta": DEEP_BETA, "tau2": DEEP_TAU2, "sigma2_e": torch.tensor(20.0)}
-    t0 = time.process_time()
-    samples = nuts_deep(args, init, opts.nuts_samples, opts.nuts_warmup, seed=opts.seed)
-    cpu = time.process_time() - t0
-    torch.save({"samples": samples, "cpu_seconds": cpu}, cache)
+    lock.touch()
+    try:
+        t0 = time.process_time()
+        samples = nuts_deep(args, init, opts.nuts_samples, opts.nuts_warmup, seed=opts.seed)
+        cpu = time.process_time() - t0
+        torch.save({"samples": samples, "cpu_seconds": cpu}, cache)
+    finally:
+        lock.unlink(missing_ok=True)
     return samples, cpu
 
 
