@@ -123,6 +123,58 @@ def gibbs_logistic(X, group, G, y, num_samples, burn_in, seed=0):
     return {k: torch.stack(v).float() for k, v in out.items()}
 
 
+def deep_mixed_collapsed(X, group, num_groups, y, hidden=(5, 5)):
+    """The deep mixed model with the random effects integrated out: per group,
+    ``y_i ~ N(Z_i beta, Z_i diag(tau2) Z_i^T + sigma2_e I)`` (``Z_i`` the ReLU features of the
+    group's rows).  Same priors as ``models.mixed.deep_mixed_model``; needs equal group sizes
+    with rows sorted by group."""
+    counts = torch.bincount(group, minlength=num_groups)
+    n_i = int(counts[0])
+    if not bool((counts == n_i).all()) or not bool((group == torch.arange(num_groups).repeat_interleave(n_i)).all()):
+        raise ValueError("deep_mixed_collapsed needs equal group sizes with rows sorted by group")
+    sizes = [X.shape[1] - 1] + list(hidden)
+    weights = [
+        pyro.sample(f"W{l + 1}", dist.Normal(X.new_zeros(sizes[l + 1], sizes[l] + 1), 10.0).to_event(2))
+        for l in range(len(hidden))
+    ]
+    r = sizes[-1] + 1
+    beta = pyro.sample("beta", dist.Normal(X.new_zeros(r), 10.0).to_event(1))
+    tau2 = pyro.sample("tau2", dist.InverseGamma(X.new_full((r,), 1.01), 1.01).to_event(1))
+    sigma2_e = pyro.sample("sigma2_e", dist.InverseGamma(X.new_tensor(1.01), 1.01))
+    Z = relu_features(X, weights).reshape(num_groups, n_i, r)
+    cov = (Z * tau2) @ Z.transpose(-1, -2) + sigma2_e * torch.eye(n_i, dtype=X.dtype)
+    with pyro.plate("groups", num_groups):
+        pyro.sample("y", dist.MultivariateNormal(Z @ beta, covariance_matrix=cov), obs=y.reshape(num_groups, n_i))
+
+
+def nuts_deep(args, init_values, num_samples, warmup, seed=0, max_tree_depth=7):
+    """NUTS on the collapsed deep mixed model (73 parameters) started at ``init_values``; the
+    random effects are then drawn from their exact conditional given each draw.  The posterior
+    is multimodal (permutations and rescalings of hidden units), so a chain describes one mode."""
+    from pyro.infer import MCMC, NUTS
+
+    pyro.set_rng_seed(seed)
+    kernel = NUTS(
+        deep_mixed_collapsed, init_strategy=init_to_value(values=init_values), max_tree_depth=max_tree_depth,
+        jit_compile=True, ignore_jit_warnings=True,
+    )
+    mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup, disable_progbar=True)
+    mcmc.run(*args)
+    return {k: v.detach() for k, v in mcmc.get_samples().items()}
+
+
+def with_locals(samples, args):
+    """Add ``alpha`` drawn from its exact conditional given each NUTS draw of theta."""
+    num_samples = len(samples["sigma2_e"])
+    alphas = []
+    cond = GaussianConditional("alpha")
+    for i in range(num_samples):
+        theta = {k: v[i] for k, v in samples.items()}
+        alphas.append(cond(deep_mixed_model, theta, *args)["alpha"])
+    samples["alpha"] = torch.stack(alphas)
+    return samples
+
+
 def logistic_marginal_elbo(global_guide, args, num_draws=4, nodes=48):
     """ELBO of q(theta) with alpha integrated out by Gauss-Hermite quadrature (per group)."""
     X, group, G, y = args
@@ -157,19 +209,21 @@ def _init_loc_fn(name, seed):
     return init_to_value(values=values, fallback=init_to_feasible)
 
 
-def fit(name, method, args, steps, seed, eval_every):
+def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="paper"):
     """Returns (guide, iterations, elbo trace, per-step seconds)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = MODEL_FNS[name]
-    init = _init_loc_fn(name, seed)
+    init_loc = _init_loc_fn(name, seed)
     if method == "Pyro SVI":
-        guide = AutoLowRankMultivariateNormal(model, rank=3, init_loc_fn=init)
+        guide = AutoLowRankMultivariateNormal(model, rank=3, init_loc_fn=init_loc)
         svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
     else:
-        guide = HybridGuide(model, _conditional(name), rank=3, init_loc_fn=init)
+        # init "paper": d = 1, B = 0.01 (the authors' start, HybridGuide's default); "pyro":
+        # AutoLowRankMultivariateNormal's own (scale ~0.07, random cov_factor)
+        guide = HybridGuide(model, _conditional(name), rank=3, init_loc_fn=init_loc, init_scale=1.0 if init == "paper" else None)
         optim = NGHVIOptim() if method == "NG-HVI" else SGHVIOptim()
-        svi = SVI(model, guide, optim, HybridELBO(guide.conditional))
+        svi = SVI(model, guide, optim, HybridELBO(guide.conditional, path_gradient=path_gradient))
     iters, elbos, seconds = [], [], []
     store = pyro.get_param_store()
     average_from, sums = steps - max(1, steps // 10), {}
@@ -274,7 +328,31 @@ def warm_up(name, seed):
         fit(name, method, _args(data[0]), 5, seed, eval_every=2)
 
 
-def run(name, sigma2_a, steps, groups, seed, num_draws, mcmc_samples, plot):
+def deep_nuts_samples(args, opts):
+    """NUTS draws of theta for the deep model, from ``opts.nuts_cache`` when it exists."""
+    from models.mixed import DEEP_BETA, DEEP_TAU2, DEEP_WEIGHTS
+
+    cache = pathlib.Path(opts.nuts_cache)
+    lock = cache.with_name(cache.name + ".lock")
+    while lock.exists() and not cache.exists():  # another process (--nuts-only) is sampling
+        time.sleep(30)
+    if cache.exists():
+        out = torch.load(cache)
+        print(f"  deep: NUTS draws loaded from {cache}", file=sys.stderr)
+        return out["samples"], out["cpu_seconds"]
+    init = {"W1": DEEP_WEIGHTS[0], "W2": DEEP_WEIGHTS[1], "beta": DEEP_BETA, "tau2": DEEP_TAU2, "sigma2_e": torch.tensor(20.0)}
+    lock.touch()
+    try:
+        t0 = time.process_time()
+        samples = nuts_deep(args, init, opts.nuts_samples, opts.nuts_warmup, seed=opts.seed)
+        cpu = time.process_time() - t0
+        torch.save({"samples": samples, "cpu_seconds": cpu}, cache)
+    finally:
+        lock.unlink(missing_ok=True)
+    return samples, cpu
+
+
+def run(name, sigma2_a, steps, groups, seed, num_draws, mcmc_samples, plot, opts=None):
     warm_up(name, seed)
     if name == "lmm":
         train, test = simulate_linear_random_intercept(num_groups=groups, sigma2_a=sigma2_a, seed=seed)
@@ -309,6 +387,10 @@ def run(name, sigma2_a, steps, groups, seed, num_draws, mcmc_samples, plot):
         mcmc_secs = time.perf_counter() - t0
         thin = {k: v[:: max(1, mcmc_samples // num_draws)] for k, v in d.items()}
         results["MCMC (Gibbs)"] = dict(summary=summary(d, GLOBALS[name]), test=test_metrics(name, thin, test), secs=mcmc_secs)
+    elif opts is not None and opts.nuts_samples > 0:
+        samples, cpu = deep_nuts_samples(args, opts)
+        d = with_locals(samples, args)
+        results["MCMC (NUTS)"] = dict(summary=summary(d, GLOBALS[name]), test=test_metrics(name, d, test), secs=cpu)
     report(name, sigma2_a, steps, groups, train, results)
     if plot:
         plot_traces(name, sigma2_a, results)
@@ -335,7 +417,8 @@ def report(name, sigma2_a, steps, groups, train, results):
             common = cell(r["it_common"], r["secs_common"]) if "it_common" in r else "- (other objective)"
             print(f"| {method} | {r['plateau']:.1f} | {cell(r['it'], r['secs'])} | {common} | {r['step_ms']:.1f} | {tests} |")
         else:
-            print(f"| {method} | - | - | - | {r['secs']:.1f} s sampling | {tests} |")
+            what = "CPU s sampling" if "NUTS" in method else "s sampling"
+            print(f"| {method} | - | - | - | {r['secs']:.1f} {what} | {tests} |")
     labels = list(next(iter(results.values()))["summary"])
     methods = list(results)
     print("\nPosterior mean (sd) of the global parameters:\n")
@@ -386,13 +469,22 @@ def main():
     parser.add_argument("--mcmc-samples", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--nuts-samples", type=int, default=300, help="deep model: NUTS draws (0: no MCMC)")
+    parser.add_argument("--nuts-warmup", type=int, default=300)
+    parser.add_argument("--nuts-cache", default="/tmp/nghvi_deep_nuts.pt", help="NUTS draws are loaded from / saved to this file")
+    parser.add_argument("--nuts-only", action="store_true", help="only run (and cache) NUTS for the deep model")
     args = parser.parse_args()
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", message="the conditional sampler has no log_prob")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    if args.nuts_only:
+        train, _, _ = simulate_deep_mixed(num_groups=args.groups, seed=args.seed)
+        samples, cpu = deep_nuts_samples(_args(train), args)
+        print(f"NUTS: {len(samples['sigma2_e'])} draws, {cpu:.0f} CPU s, sigma2_e {float(samples['sigma2_e'].mean()):.3f}")
+        return
     for name in args.models:
         for s2a in args.sigma2_a if name != "deep" else [None]:
-            run(name, s2a if s2a is not None else 1.0, args.steps, args.groups, args.seed, args.draws, args.mcmc_samples, not args.no_plot)
+            run(name, s2a if s2a is not None else 1.0, args.steps, args.groups, args.seed, args.draws, args.mcmc_samples, not args.no_plot, args)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Times the damped natural gradient alone and the whole optimiser step (natural gr
 clipping + momentum + ADADELTA) against the SG-HVI step (ADADELTA only), on random parameters
 and gradients of an AutoLowRankMultivariateNormal guide.  Then times whole ``SVI.step`` calls
 (hybrid ELBO + optimiser) of NG-HVI and SG-HVI on the mixed models of models/mixed.py, in
-alternating blocks so that both see the same machine load.
+alternating blocks so that both see the same machine load.  Times are CPU seconds of this
+process (``time.process_time``, one thread), which time spent waiting for a core on a shared
+machine does not inflate.
 
     python benchmarks/nghvi_scaling.py [--dims 10 100 1000 10000] [--rank 3] [--repeats 20]
 """
@@ -43,13 +45,13 @@ def _params(M, p, seed=0):
 
 def _time(fn, repeats):
     fn()  # warm up
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(repeats):
         fn()
-    return (time.perf_counter() - start) / repeats * 1e3
+    return (time.process_time() - start) / repeats * 1e3
 
 
-def svi_step_cost(name, blocks=10, block_size=20):
+def svi_step_cost(name, blocks=20, block_size=25):
     """Mean ms per SVI.step for NG-HVI and SG-HVI, alternating blocks of steps."""
     import pyro
     from pyro.infer import SVI
@@ -71,10 +73,10 @@ def svi_step_cost(name, blocks=10, block_size=20):
     times = {m: [] for m in svis}
     for _ in range(blocks):
         for method, svi in svis.items():
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             for _ in range(block_size):
                 svi.step(*args)
-            times[method].append((time.perf_counter() - t0) / block_size * 1e3)
+            times[method].append((time.process_time() - t0) / block_size * 1e3)
     dim = svis["NG-HVI"].guide.global_guide.latent_dim
     return dim, {m: sorted(t)[len(t) // 2] for m, t in times.items()}
 
@@ -108,7 +110,7 @@ def main():
     print("|---:|---:|---:|---:|---:|---:|")
     for M, t_ng, t_step, t_sg, it in rows:
         print(f"| {M} | {t_ng:.3f} | {t_step:.3f} | {t_sg:.3f} | {it:.1f} | {t_ng / M * 1000:.3f} |")
-    print("\nWhole SVI.step (hybrid ELBO + optimiser), 1000 groups, median over alternating blocks of 20 steps:\n")
+    print("\nWhole SVI.step (hybrid ELBO + optimiser), 1000 groups, CPU ms, median over 20 alternating blocks of 25 steps:\n")
     print("| model | dim theta | NG-HVI ms / step | SG-HVI ms / step | natural-gradient overhead |")
     print("|---|---:|---:|---:|---:|")
     for name in args.models:

@@ -236,3 +236,95 @@ def test_sg_hvi_optimiser_has_no_natural_gradient():
     optim = SGHVIOptim()
     assert optim.pt_optim_args["natural_gradient"] is False
     assert optim.pt_optim_args["clip_norm"] is None and optim.pt_optim_args["momentum"] == 0.0
+
+
+def _gaussian_model():
+    theta = pyro.sample("theta", dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    pyro.sample("z", dist.Normal(0.0, 1.0))
+    pyro.sample("y", dist.Normal(theta, 0.5).to_event(1), obs=torch.tensor([1.0, 2.0, 3.0]))
+
+
+class _PriorDraw:
+    """A conditional sampler for the model above (z is independent of everything)."""
+
+    sites = ("z",)
+
+    def __call__(self, model, theta, *args, **kwargs):
+        return {"z": torch.randn(())}
+
+
+def _gaussian_guide_at(loc, sd, cov_factor_scale=0.0):
+    guide = AutoLowRankMultivariateNormal(poutine.block(_gaussian_model, hide=["z"]), rank=1)
+    guide()
+    with torch.no_grad():
+        guide.loc.copy_(loc)
+        guide.cov_factor.fill_(cov_factor_scale)
+        guide.scale_unconstrained.copy_(torch.log(torch.expm1(sd)))
+    return guide
+
+
+def _grads(guide, path_gradient, seed):
+    pyro.set_rng_seed(seed)
+    for p in (guide.loc, guide.cov_factor, guide.scale_unconstrained):
+        p.grad = None
+    HybridELBO(_PriorDraw(), path_gradient=path_gradient).differentiable_loss(_gaussian_model, guide).backward()
+    return torch.cat([guide.loc.grad, guide.cov_factor.grad.reshape(-1), guide.scale_unconstrained.grad])
+
+
+def test_path_gradient_vanishes_at_the_exact_gaussian_posterior():
+    """theta | y ~ N(0.8 y, 0.2 I): with q equal to it, every draw's path gradient is zero
+    (Roeder et al. 2017), while the total derivative is not."""
+    pyro.clear_param_store()
+    guide = _gaussian_guide_at(torch.tensor([0.8, 1.6, 2.4]), torch.full((3,), 0.2**0.5))
+    for seed in range(3):
+        assert _grads(guide, True, seed).abs().max() < 1e-5
+    assert _grads(guide, False, 0).abs().max() > 1e-2
+
+
+def test_path_gradient_is_unbiased():
+    """Away from the optimum both estimators average to the gradient of the closed-form ELBO."""
+    pyro.clear_param_store()
+    loc0, sd0 = torch.tensor([0.0, 1.0, -1.0]), torch.tensor([0.5, 1.0, 0.3])
+    guide = _gaussian_guide_at(loc0, sd0, cov_factor_scale=0.2)
+
+    def closed_form(loc, W, u):
+        s = torch.nn.functional.softplus(u)
+        cov = torch.diag(s) @ (W @ W.T + torch.eye(3)) @ torch.diag(s)
+        y = torch.tensor([1.0, 2.0, 3.0])
+        # E_q log N(y; theta, 0.25 I) + E_q log N(theta; 0, I) + H(q)
+        e_lik = dist.Normal(loc, 0.5).log_prob(y).sum() - 0.5 * cov.diagonal().sum() / 0.25
+        e_prior = dist.Normal(0.0, 1.0).log_prob(loc).sum() - 0.5 * cov.diagonal().sum()
+        return -(e_lik + e_prior + dist.MultivariateNormal(loc, cov).entropy())
+
+    params = [guide.loc.detach().clone().requires_grad_(), guide.cov_factor.detach().clone().requires_grad_(),
+              guide.scale_unconstrained.detach().clone().requires_grad_()]
+    closed_form(*params).backward()
+    exact = torch.cat([params[0].grad, params[1].grad.reshape(-1), params[2].grad])
+    for path_gradient in (True, False):
+        draws = torch.stack([_grads(guide, path_gradient, seed) for seed in range(1500)])
+        mean, se = draws.mean(0), draws.std(0) / 1500**0.5
+        assert ((mean - exact).abs() <= 4 * se + 1e-4).all(), (path_gradient, mean, exact, se)
+
+
+def test_hybrid_guide_starts_where_the_authors_code_starts():
+    pyro.clear_param_store()
+    _, args = _data(num_groups=5)
+    guide = HybridGuide(linear_random_intercept, "alpha", rank=3)
+    guide(*args)
+    g = guide.global_guide
+    assert isinstance(g, AutoLowRankMultivariateNormal)
+    assert torch.allclose(g.scale, torch.ones(8))
+    expected = torch.full((8, 3), 0.01).tril()
+    assert torch.allclose(g.scale.unsqueeze(-1) * g.cov_factor, expected)
+    assert sorted(pyro.get_param_store().keys()) == [
+        "AutoLowRankMultivariateNormal.cov_factor", "AutoLowRankMultivariateNormal.loc", "AutoLowRankMultivariateNormal.scale"
+    ]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    pyro_default = HybridGuide(linear_random_intercept, "alpha", rank=3, init_scale=None)
+    pyro_default(*args)
+    assert torch.allclose(pyro_default.global_guide.scale, torch.full((8,), 0.1 * 0.5**0.5))
+    with pytest.raises(ValueError, match="init_scale"):
+        HybridGuide(linear_random_intercept, "alpha", init_scale=-1.0)
+    with pytest.raises(TypeError, match="path_gradient"):
+        HybridELBO("alpha", path_gradient="yes")

@@ -38,7 +38,8 @@ def _dense_fisher(family, lam0):
 @pytest.mark.parametrize("M,p", [(4, 1), (6, 2), (7, 3)])
 @pytest.mark.parametrize("damping", [0.1, 10.0])
 @pytest.mark.parametrize("transform", [SoftplusTransform(), ExpTransform()], ids=["softplus", "exp"])
-def test_natural_gradient_matches_dense_solve(M, p, damping, transform):
+@pytest.mark.parametrize("numpy_max_size", [20000, 0], ids=["numpy", "torch"])
+def test_natural_gradient_matches_dense_solve(M, p, damping, transform, numpy_max_size):
     torch.manual_seed(M * 10 + p)
     lam0 = torch.randn(M + M * p + M, dtype=torch.float64)
     F = _dense_fisher(lambda lam: _pyro_mvn(lam, M, p, transform), lam0)
@@ -57,9 +58,27 @@ def test_natural_gradient_matches_dense_solve(M, p, damping, transform):
         damping=damping,
         cg_tol=1e-13,
         cg_max_iter=1000,
+        numpy_max_size=numpy_max_size,
     )
     actual = torch.cat([ng.loc, ng.cov_factor.reshape(-1), ng.scale_unconstrained])
+    assert actual.dtype == torch.float64
     assert torch.allclose(actual, expected, rtol=1e-7, atol=1e-9 * expected.abs().max())
+
+
+def test_numpy_and_torch_paths_agree_in_float32():
+    """The float64 NumPy path (small CPU problems) and the torch path give the same natural
+    gradient, returned in the parameters' dtype."""
+    torch.manual_seed(0)
+    M, p = 40, 3
+    W, u = torch.randn(M, p) * 0.3, torch.randn(M) - 2.0
+    s, t = softplus(u), torch.sigmoid(u)
+    grads = torch.randn(M) * 100, torch.randn(M, p), torch.randn(M)
+    a = natural_gradient(grads[0], W, grads[1], s, grads[2], t, cg_tol=1e-7, numpy_max_size=10**6)
+    b = natural_gradient(grads[0].double(), W.double(), grads[1].double(), s.double(), grads[2].double(), t.double(),
+                         cg_tol=1e-7, numpy_max_size=0)
+    for x, y in zip(a[:3], b[:3]):
+        assert x.dtype == torch.float32
+        assert torch.allclose(x.double(), y, rtol=1e-4, atol=1e-5 * y.abs().max())
 
 
 @pytest.mark.parametrize("M,p", [(5, 1), (6, 3)])
@@ -91,6 +110,11 @@ def test_conjugate_gradient_solves_spd_system():
     b = torch.randn(30, dtype=torch.float64)
     result = conjugate_gradient(lambda x: A @ x, b, preconditioner=A.diagonal(), tol=1e-12, max_iter=500)
     assert torch.allclose(result.solution, torch.linalg.solve(A, b), atol=1e-8)
+    assert result.residual_norm <= 1e-12
+    # the same solver on NumPy arrays
+    An, bn = A.numpy(), b.numpy()
+    result = conjugate_gradient(lambda x: An @ x, bn, preconditioner=An.diagonal(), tol=1e-12, max_iter=500)
+    assert abs(result.solution - torch.linalg.solve(A, b).numpy()).max() < 1e-8
 
 
 def test_fisher_rejects_bad_shapes():

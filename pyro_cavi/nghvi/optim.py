@@ -120,25 +120,41 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            if all(p.grad is None for p in group["params"]):
+            params = group["params"]
+            if all(p.grad is None for p in params):
                 continue
             direction = self._direction(group)
             if group["clip_norm"] is not None:
-                norm = torch.sqrt(sum(g.pow(2).sum() for g in direction))
+                norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction))))
                 if norm > group["clip_norm"]:
-                    direction = [g * (group["clip_norm"] / norm) for g in direction]
+                    direction = torch._foreach_mul(direction, group["clip_norm"] / norm)
             rho, eps, m = group["rho"], group["eps"], group["momentum"]
-            for p, g in zip(group["params"], direction):
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                    state["square_avg"] = torch.zeros_like(p)
-                    state["acc_delta"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"].mul_(m).add_(g, alpha=1 - m)
-                square_avg = state["square_avg"].mul_(rho).addcmul_(buf, buf, value=1 - rho)
-                delta = (state["acc_delta"] + eps).sqrt_().div_((square_avg + eps).sqrt_()).mul_(buf)
-                state["acc_delta"].mul_(rho).addcmul_(delta, delta, value=1 - rho)
-                p.sub_(delta)
+            if not self.state[params[0]]:
+                for p in params:
+                    self.state[p].update(
+                        momentum_buffer=torch.zeros_like(p), square_avg=torch.zeros_like(p), acc_delta=torch.zeros_like(p)
+                    )
+            states = [self.state[p] for p in params]
+            square_avg = [st["square_avg"] for st in states]
+            acc_delta = [st["acc_delta"] for st in states]
+            # multi-tensor (foreach) updates: one dispatch per operation for all three parameters
+            if m:
+                buf = [st["momentum_buffer"] for st in states]
+                torch._foreach_mul_(buf, m)
+                torch._foreach_add_(buf, direction, alpha=1 - m)
+            else:
+                buf = direction
+            torch._foreach_mul_(square_avg, rho)
+            torch._foreach_addcmul_(square_avg, buf, buf, value=1 - rho)
+            std = torch._foreach_add(square_avg, eps)
+            torch._foreach_sqrt_(std)
+            delta = torch._foreach_add(acc_delta, eps)
+            torch._foreach_sqrt_(delta)
+            torch._foreach_div_(delta, std)
+            torch._foreach_mul_(delta, buf)
+            torch._foreach_mul_(acc_delta, rho)
+            torch._foreach_addcmul_(acc_delta, delta, delta, value=1 - rho)
+            torch._foreach_sub_(params, delta)
         return loss
 
 
