@@ -873,6 +873,14 @@ def _matmul(shape, a, b):
     return out
 
 
+def _is_identity_column(coef: Tensor) -> bool:
+    """Whether coefficients of shape (k, 1, k) are the identity: the expression of a vector
+    site's own value, made a column for a matrix product."""
+    if coef.dim() != 3 or coef.shape[1] != 1 or coef.shape[0] != coef.shape[2]:
+        return False
+    return torch.equal(coef[:, 0, :], torch.eye(coef.shape[0], dtype=coef.dtype, device=coef.device))
+
+
 def _const_matmul_lin(X: Tensor, W: Lin) -> Lin:
     """X @ W for a constant X and an affine W, with torch.matmul's promotion of vectors."""
     w_vec, x_vec = len(W.shape) == 1, X.dim() == 1
@@ -887,7 +895,10 @@ def _const_matmul_lin(X: Tensor, W: Lin) -> Lin:
         first = idx.narrow(-2, 0, 1)
         if idx.shape[-2] > 1 and not torch.equal(idx, first.expand_as(idx)):
             raise _Densify(s)
-        c = torch.einsum("...nk,...kme->...nme", Xm, coef)
+        if _is_identity_column(coef):  # X @ w for a vector site w: the coefficients are X itself
+            c = Xm.unsqueeze(-2).to(coef.dtype)
+        else:
+            c = torch.einsum("...nk,...kme->...nme", Xm, coef)
         terms[s] = (c, first.expand(c.shape[:-1]))
     out = Lin(const, terms, const.shape)
     if w_vec:
