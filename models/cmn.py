@@ -37,24 +37,67 @@ def _tilde(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)], -1)
 
 
+def stick_uniform_bias(num_categories: int, dtype=None) -> torch.Tensor:
+    """Stick logits whose stick-breaking probabilities are uniform: ψ_k = −log(C − 1 − k) for
+    the C − 1 sticks, since σ(−log(C − 1 − k)) = 1 / (C − k) is the uniform share of what the
+    earlier sticks left. The authors' MNLR prior mean (VersesTech/cavi-cmn, MultinomialRegression:
+    bias −log(K − k) over its K = C − 1 sticks)."""
+    return -torch.log(torch.arange(num_categories - 1, 0, -1, dtype=dtype or torch.get_default_dtype()))
+
+
 def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden: int | None = None,
-        prior_scale: float = 1.0, precision_shape: float = 2.0, precision_rate: float = 2.0):
-    """The CMN as a Pyro model. ``X``: (N, D) features; ``y``: (N,) integer labels."""
+        gate_scale: float = 5.0, out_scale: float = 5.0, expert_prior_prec: float = 0.1,
+        precision_shape: float = 2.0, precision_rate: float = 1.0, normal_gamma: bool = True,
+        prior_scale: float | None = None):
+    """The CMN as a Pyro model. ``X``: (N, D) features; ``y``: (N,) integer labels.
+
+    Priors (defaults are the paper's, as set in the authors' code VersesTech/cavi-cmn,
+    ``cavi_cmn_eval_uci.py`` / ``model_utils.py``):
+
+    * gating weights, one row per stick: ``Γ_k ~ Normal(m_k, gate_scale²·I)`` with
+      ``gate_scale = 5`` (``--scale_mnlr_betas 5``) and ``m_k`` zero except the bias entry
+      −log(K − 1 − k), which makes the prior gating uniform over the K experts
+      (:func:`stick_uniform_bias`);
+    * expert precisions: ``γ_kj ~ Gamma(2, 1)`` (shape 1 + ``dof_offset`` = 2, rate
+      ``scale_likelihood²`` = 1 of their matrix-normal-gamma);
+    * expert rows: ``A_kj | γ_kj ~ Normal(0, (0.1·γ_kj)^(-1)·I)`` (``--inv_v_scale 0.1``, the
+      prior precision V⁻¹ of the matrix normal, scaled by the row's precision). The authors'
+      posterior keeps A and γ jointly Normal-Gamma; here q(A) q(γ) is mean-field, which the
+      CAVI engine fits in closed form (E[γ] enters A's precision, E[‖A‖²] enters γ's rate).
+      ``normal_gamma=False`` drops the γ scaling: ``A_kj ~ Normal(0, expert_prior_prec^(-1/2))``;
+    * output weights: ``B_l ~ Normal(m_l, out_scale²·I)`` with ``out_scale = 5`` and the same
+      uniform-prior bias over the L classes.
+
+    ``prior_scale`` (optional) overrides ``gate_scale`` and ``out_scale`` and sets the expert
+    rows to ``Normal(0, prior_scale)`` without the γ scaling, the zero-mean unit-scale model
+    this file used before (``prior_scale=1, precision_rate=2``).
+    """
     N, D = X.shape
     L = num_classes or int(y.max()) + 1
     h = hidden or L - 1
     K = num_experts
     dtype = X.dtype
     Xt = _tilde(X)
+    if prior_scale is not None:
+        gate_scale = out_scale = prior_scale
+        normal_gamma, expert_prior_prec = False, prior_scale ** -2.0
+    zero = torch.zeros(D + 1, dtype=dtype)
+    gate_loc = torch.cat([torch.zeros(K - 1, D, dtype=dtype), stick_uniform_bias(K, dtype).unsqueeze(-1)], -1)
+    out_loc = torch.cat([torch.zeros(L - 1, h, dtype=dtype), stick_uniform_bias(L, dtype).unsqueeze(-1)], -1)
+    if prior_scale is not None:  # the earlier zero-mean model
+        gate_loc, out_loc = torch.zeros_like(gate_loc), torch.zeros_like(out_loc)
     with pyro.plate("gate_sticks", K - 1):
-        gate = pyro.sample("gate", dist.Normal(torch.zeros(D + 1, dtype=dtype), prior_scale).to_event(1))
+        gate = pyro.sample("gate", dist.Normal(gate_loc, gate_scale).to_event(1))
     # rows of each expert's matrix are independent a posteriori (the likelihood has a diagonal
     # precision), so A is sampled row by row in a plate: one Gaussian factor per (expert, row)
     with pyro.plate("experts", K, dim=-2), pyro.plate("hidden", h, dim=-1):
-        A = pyro.sample("A", dist.Normal(torch.zeros(D + 1, dtype=dtype), prior_scale).to_event(1))
         prec = pyro.sample("prec", dist.Gamma(torch.tensor(precision_shape, dtype=dtype), precision_rate))
+        if normal_gamma:
+            A = pyro.sample("A", dist.Normal(zero, (expert_prior_prec * prec).rsqrt().unsqueeze(-1)).to_event(1))
+        else:
+            A = pyro.sample("A", dist.Normal(zero, expert_prior_prec ** -0.5).to_event(1))
     with pyro.plate("class_sticks", L - 1):
-        out = pyro.sample("out", dist.Normal(torch.zeros(h + 1, dtype=dtype), prior_scale).to_event(1))
+        out = pyro.sample("out", dist.Normal(out_loc, out_scale).to_event(1))
     with pyro.plate("data", N):
         z = pyro.sample("z", StickBreakingCategorical(Xt @ gate.T))
         loc = (A[z] @ Xt.unsqueeze(-1)).squeeze(-1)

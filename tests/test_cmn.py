@@ -93,3 +93,44 @@ def test_cmn_on_pinwheels_learns_and_elbo_never_decreases():
     accuracy = (p.argmax(-1) == yte).double().mean()
     assert accuracy > 0.45  # chance is 0.2
     assert "x1: Gaussian factor" in repr(cavi) and "y.omega: PolyaGamma" in repr(cavi)
+
+
+def test_cmn_normal_gamma_expert_updates_match_closed_form():
+    """The paper's experts, A_kj | γ_kj ~ N(0, (λ0 γ_kj)⁻¹ I), γ_kj ~ Gamma(a0, b0), fitted
+    mean-field: after a sweep, one more update of q(γ) and then of q(A) must equal the
+    textbook formulas written here from the other factors' moments:
+    a = a0 + (D+1)/2 + ½ Σ_n r_nk,  b = b0 + ½ λ0 E‖A_kj‖² + ½ Σ_n r_nk E[(x1_nj − A_kj·x̃_n)²];
+    Λ_A = E[γ_kj] (λ0 I + Σ_n r_nk x̃_n x̃_nᵀ),  Λ_A m_A = E[γ_kj] Σ_n r_nk E[x1_nj] x̃_n."""
+    X, y = cmn.pinwheels(12, seed=3)  # 60 points, 5 classes
+    X = (X - X.mean(0)) / X.std(0)
+    K, lam0, a0, b0 = 3, 0.1, 2.0, 1.0
+    model = lambda X, y: cmn.cmn(X, y, num_experts=K, expert_prior_prec=lam0, precision_shape=a0, precision_rate=b0)
+    cavi = CAVI(model, seed=0, init="forgy")
+    fit(cavi, X, y, num_steps=15, tol=0.0)
+    Xt = torch.cat([X, torch.ones(len(X), 1)], -1)  # (N, D+1)
+    q = cavi.posterior
+    r = q["z"].probs  # (N, K)
+    m1, C1 = q["x1"].mean, q["x1"].covariance_matrix  # (N, h), (N, h, h)
+    Ex1sq = m1 ** 2 + torch.diagonal(C1, dim1=-2, dim2=-1)
+    with torch.no_grad():
+        cavi._update("prec")
+    qA, qg = cavi.posterior["A"], cavi.posterior["prec"]
+    mA, CA = qA.mean, qA.covariance_matrix  # (K, h, D+1), (K, h, D+1, D+1)
+    EAA = CA + mA.unsqueeze(-1) * mA.unsqueeze(-2)
+    # E[(x1_nj − a_kj·x̃_n)²] for every n, k, j
+    cross = torch.einsum("nh,khd,nd->nkh", m1, mA, Xt)
+    quad = torch.einsum("nd,khde,ne->nkh", Xt, EAA, Xt)
+    resid = Ex1sq.unsqueeze(1) - 2 * cross + quad
+    shape = a0 + Xt.shape[1] / 2 + 0.5 * r.sum(0).unsqueeze(-1).expand(K, mA.shape[1])
+    rate = b0 + 0.5 * lam0 * torch.diagonal(EAA, dim1=-2, dim2=-1).sum(-1) + 0.5 * (r.unsqueeze(-1) * resid).sum(0)
+    assert torch.allclose(qg.concentration, shape, rtol=1e-9)
+    assert torch.allclose(qg.rate, rate, rtol=1e-9)
+    with torch.no_grad():
+        cavi._update("A")
+    qA = cavi.posterior["A"]
+    Eg = (shape / rate).unsqueeze(-1).unsqueeze(-1)  # (K, h, 1, 1)
+    gram = torch.einsum("nk,nd,ne->kde", r, Xt, Xt).unsqueeze(1)  # (K, 1, D+1, D+1)
+    prec = Eg * (lam0 * torch.eye(Xt.shape[1]) + gram)
+    rhs = (shape / rate).unsqueeze(-1) * torch.einsum("nk,nj,nd->kjd", r, m1, Xt)
+    assert torch.allclose(qA.precision_matrix, prec, rtol=1e-8)
+    assert torch.allclose(qA.mean, torch.linalg.solve(prec, rhs.unsqueeze(-1)).squeeze(-1), rtol=1e-7, atol=1e-10)
