@@ -21,9 +21,11 @@ For an affine expression :math:`d = c + \sum_s A_s x_s`:
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch.overrides import has_torch_function
 
 from .factors import ExpFamilyFactor, _NotASufficientStatistic
 from . import symbolic
@@ -35,6 +37,41 @@ Moments = Dict[str, Tuple[Tensor, ...]]
 
 class NotConjugate(Exception):
     """Raised by an expectation that the factors cannot give in closed form."""
+
+
+@functools.lru_cache(maxsize=8192)
+def _broadcast(*shapes: tuple) -> torch.Size:
+    return torch.broadcast_shapes(*shapes)
+
+
+def broadcast_shapes(*shapes) -> torch.Size:
+    """``torch.broadcast_shapes``, memoised: the torch function goes through symbolic-shape
+    guards that cost about 0.3 ms a call, a tenth of a small CMN sweep, and a sweep asks for
+    the same few shapes every time."""
+    return _broadcast(*(tuple(s) for s in shapes))
+
+
+@functools.lru_cache(maxsize=4096)
+def _contraction_path(equation: str, shapes: tuple) -> Optional[list]:
+    oe = torch.backends.opt_einsum.get_opt_einsum()
+    if oe is None:
+        return None
+    path = oe.contract_path(equation, *shapes, shapes=True, optimize=torch.backends.opt_einsum.strategy)[0]
+    return [i for pair in path for i in pair]
+
+
+def _einsum(equation: str, *operands: Tensor) -> Tensor:
+    """``torch.einsum`` with the contraction path of three or more operands cached per equation
+    and operand shapes. ``torch.einsum`` asks opt_einsum for the path on every call, which costs
+    more than the contraction itself for the small operands of a sweep (about a tenth of a
+    CMN sweep); the shapes repeat from sweep to sweep, so the path is found once. Same path,
+    same result."""
+    if len(operands) <= 2 or not torch.backends.opt_einsum.enabled or has_torch_function(operands):
+        return torch.einsum(equation, *operands)
+    path = _contraction_path(equation, tuple(tuple(o.shape) for o in operands))
+    if path is None:
+        return torch.einsum(equation, *operands)
+    return torch._VF.einsum(equation, operands, path=path)  # what torch.einsum calls with its path
 
 
 def expr_of(x):
@@ -61,13 +98,13 @@ def _block_second(site, idx_a, idx_b, mu):
     """E[x_a x_bᵀ] for elements in blocks idx_a and idx_b of one Gaussian site."""
     m, M = mu[site]
     if m.shape[0] == 1:
-        return M[0].expand(torch.broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
+        return M[0].expand(broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
     same = (idx_a == idx_b).unsqueeze(-1).unsqueeze(-1)
     return torch.where(same, M[idx_a], m[idx_a].unsqueeze(-1) * m[idx_b].unsqueeze(-2))
 
 
 def _pair_mean(site_a, site_b, coef, ia, ib, mu):
-    return torch.einsum("...ef,...e,...f->...", coef, _block_mean(site_a, ia, mu), _block_mean(site_b, ib, mu))
+    return _einsum("...ef,...e,...f->...", coef, _block_mean(site_a, ia, mu), _block_mean(site_b, ib, mu))
 
 
 def _bil_mean(e: Bil, factors, mu) -> Tensor:
@@ -89,9 +126,9 @@ def _bil_second_moment(e: Bil, factors, mu) -> Tensor:
         for s, (a, idx) in lin.terms.items():
             a = a.expand(e.shape + a.shape[-1:])
             if s == sa:
-                cross = cross + torch.einsum("...g,...ge,...ef,...f->...", a, _block_second(s, idx.expand(e.shape), ia, mu), coef, _block_mean(sb, ib, mu))
+                cross = cross + _einsum("...g,...ge,...ef,...f->...", a, _block_second(s, idx.expand(e.shape), ia, mu), coef, _block_mean(sb, ib, mu))
             elif s == sb:
-                cross = cross + torch.einsum("...g,...gf,...ef,...e->...", a, _block_second(s, idx.expand(e.shape), ib, mu), coef, _block_mean(sa, ia, mu))
+                cross = cross + _einsum("...g,...gf,...ef,...e->...", a, _block_second(s, idx.expand(e.shape), ib, mu), coef, _block_mean(sa, ia, mu))
             else:
                 cross = cross + (a * _block_mean(s, idx.expand(e.shape), mu)).sum(-1) * _pair_mean(sa, sb, coef, ia, ib, mu)
         out = out + 2 * cross
@@ -112,7 +149,7 @@ def _bil_second_moment(e: Bil, factors, mu) -> Tensor:
                     done.add(partner)
                     operands.append(_block_second(site, idx, slots[partner][1], mu))
                     subs.append("..." + letter + slots[partner][2])
-            out = out + torch.einsum(",".join(subs) + "->...", *operands)
+            out = out + _einsum(",".join(subs) + "->...", *operands)
     return out
 
 
@@ -179,7 +216,7 @@ def variance(x, factors, mu) -> Tensor:
         elif f.num_blocks == 1:
             out = out + ((coef @ cov[0]) * coef).sum(-1)
         else:
-            out = out + torch.einsum("...i,...ij,...j->...", coef, cov[idx], coef)
+            out = out + _einsum("...i,...ij,...j->...", coef, cov[idx], coef)
     return out
 
 
@@ -204,7 +241,7 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
     weight = _sum_to_shape(weight, shape)
     if isinstance(e, Bil):
         sq = second_moment(x, factors, mu)
-        return (weight * sq).expand(torch.broadcast_shapes(weight.shape, sq.shape)).sum()
+        return (weight * sq).expand(broadcast_shapes(weight.shape, sq.shape)).sum()
     if isinstance(e, Lin) and e.terms:
         small = _coefficient_shape(e)
         if small.numel() * 2 <= e.shape.numel():
@@ -213,7 +250,7 @@ def weighted_second_moment(x, weight: Tensor, factors, mu, cache: Optional[dict]
     total = (weight * m * m).sum()
     if not isinstance(e, Lin):
         return total
-    full = torch.broadcast_shapes(weight.shape, e.shape)
+    full = broadcast_shapes(weight.shape, e.shape)
     reps = full.numel() // max(e.shape.numel(), 1)
     for s, coef, idx, f, mm, M in _lin_terms(e, factors, mu):
         cov = M - mm.unsqueeze(-1) * mm.unsqueeze(-2)
@@ -236,7 +273,7 @@ def _coefficient_shape(e: Lin) -> torch.Size:
     as stored, before broadcasting against the constant part)."""
     shapes = [_effective_shape(coef)[:-1] for coef, _ in e.terms.values()]
     shapes += [_effective_shape(idx) for _, idx in e.terms.values()]
-    small = torch.broadcast_shapes(*shapes)
+    small = broadcast_shapes(*shapes)
     return torch.Size((1,) * (len(e.shape) - len(small)) + tuple(small))
 
 
@@ -300,7 +337,7 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
     :math:`d = c + \mu` and :math:`\mu, \mathrm{Var}(d)` constant along the data dimensions,
     :math:`\sum w (c + \mu)^2 = \sum w c^2 + 2 \sum \bar{(wc)} \mu + \sum \bar w \mu^2`, where the
     bars sum over those dimensions first: O(N K D) instead of O(N K D²) and no gathers."""
-    full = torch.broadcast_shapes(weight.shape, e.shape)
+    full = broadcast_shapes(weight.shape, e.shape)
     c = e.const.expand(e.shape)
     total = (weight * c * c).expand(full).sum()
     small_full = torch.Size((1,) * (len(full) - len(small)) + tuple(small))
@@ -322,7 +359,7 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
 def _sum_to_shape(weight: Tensor, shape: torch.Size) -> Tensor:
     """Sum a weight over the dimensions along which the expression is constant (broadcast):
     e.g. responsibilities over enumerated values that a parameter does not depend on."""
-    full = torch.broadcast_shapes(weight.shape, shape)
+    full = broadcast_shapes(weight.shape, shape)
     lead = len(full) - len(shape)
     dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and full[lead + i] > 1]
     dims = [d for d in dims if d >= len(full) - weight.dim() and weight.shape[d - (len(full) - weight.dim())] > 1]
@@ -390,7 +427,7 @@ def quadratic_form(x, precision: Tensor, factors, mu) -> Tensor:
             q = coef @ cov[0] @ coef.mT
         else:
             idx = idx.expand(e.shape)
-            q = torch.einsum("...ie,...ief,...jf->...ij", coef, cov[idx], coef)
+            q = _einsum("...ie,...ief,...jf->...ij", coef, cov[idx], coef)
             q = q * (idx.unsqueeze(-1) == idx.unsqueeze(-2)).to(q.dtype)
         out = out + (precision * q).sum((-1, -2))
     return out

@@ -111,7 +111,7 @@ def _normal_summed(fn, v, E: Expect, weight):
     E.independent(scale, loc, "the loc and the scale")
     E.independent(scale, v, "the value and the scale")
     d = v - loc
-    const = (weight * (-0.5 * LOG_2PI - E.log(scale, "scale"))).expand(torch.broadcast_shapes(weight.shape, fn.batch_shape))
+    const = (weight * (-0.5 * LOG_2PI - E.log(scale, "scale"))).expand(ex.broadcast_shapes(weight.shape, fn.batch_shape))
     return const.sum() - 0.5 * E.wsq(d, weight * E.pow(scale, -2.0, "scale"), "loc")
 
 
@@ -209,7 +209,7 @@ def _logistic_summed(fn, v, E: Expect, weight):
     if isinstance(fn, StickBreakingCategorical):
         weight = weight.unsqueeze(-1)
     linear = weight * (const - b * math.log(2.0) + kappa * E.mean(psi, "logits"))
-    shape = torch.broadcast_shapes(linear.shape, psi.shape)
+    shape = ex.broadcast_shapes(linear.shape, psi.shape)
     return linear.expand(shape).sum() - 0.5 * E.wsq(psi, weight * q * E.omega(), "logits")
 
 
