@@ -192,7 +192,7 @@ def benchmark(args, runs: pathlib.Path = RUNS) -> None:
                     rec = run_bbvi(Xtr, ytr, Xte, yte, K, seed, args)
                 else:
                     rec = run_mle(Xtr, ytr, Xte, yte, K, seed, args, early_stopping=method == "MLE+ES")
-                label = method if args.prior_scale == 1.0 or method.startswith("MLE") else f"{method} (prior scale {args.prior_scale:g})"
+                label = method if args.prior_scale is None or method.startswith("MLE") else f"{method} (prior scale {args.prior_scale:g})"
                 rec.update(dataset=name, seed=seed, method=label, commit=commit, K=K, dtype=args.dtype, prior_scale=args.prior_scale,
                            n_train=len(ytr), n_test=len(yte), max_sweeps=args.max_sweeps, tol=args.tol)
                 print(json.dumps(rec), flush=True)
@@ -331,8 +331,9 @@ def main() -> None:
     parser.add_argument("--bbvi-steps", type=int, default=3000)
     parser.add_argument("--bbvi-lr", type=float, default=0.02)
     parser.add_argument("--num-samples", type=int, default=200, help="posterior draws for predictive probabilities")
-    parser.add_argument("--prior-scale", type=float, default=1.0, help="prior scale of the CMN's Gaussian weights")
-    parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    parser.add_argument("--prior-scale", type=float, default=None,
+                        help="the earlier zero-mean CMN with this scale on every Gaussian weight (default: the paper's priors)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"], help="float32 as the authors")
     parser.add_argument("--quick", action="store_true", help="pinwheels and sonar, seed 0, fewer steps")
     parser.add_argument("--report", action="store_true", help="print the tables from benchmarks/out/cmn_runs.jsonl")
     parser.add_argument("--scaling", action="store_true", help="time CAVI sweeps against D and K, write the PNG")
