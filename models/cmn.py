@@ -132,6 +132,77 @@ def predict_proba(cavi: CAVI, X_new: torch.Tensor, num_samples: int = 200) -> to
     return torch.logsumexp(log_w.unsqueeze(-1) + log_p, dim=-2).exp().mean(0)
 
 
+def _stick_bound_log_probs(phi: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Per-category log of the Pólya-Gamma (Jaakkola-Jordan) lower bound on E_q[log p(category)]
+    under a stick-breaking likelihood, for stick logits with mean ``phi`` and root second
+    moment ``c`` (shape (..., S)): log σ(ψ) ≥ φ/2 − log 2cosh(c/2) and log(1 − σ(ψ)) ≥
+    −φ/2 − log 2cosh(c/2); category k takes "stop" at stick k after passing sticks 0..k−1.
+    Returns (..., S + 1), unnormalised."""
+    lc = torch.logaddexp(c / 2, -c / 2)  # log 2cosh(c/2)
+    stop, go = phi / 2 - lc, -phi / 2 - lc
+    passed = torch.cat([torch.zeros_like(go[..., :1]), go.cumsum(-1)], -1)  # sticks 0..k−1 passed
+    return passed + torch.cat([stop, torch.zeros_like(stop[..., :1])], -1)
+
+
+@torch.no_grad()
+def predict_proba_bound(cavi: CAVI, X_new: torch.Tensor, iters: int = 4) -> torch.Tensor:
+    """The authors' deterministic predictive (VersesTech/cavi-cmn, ``model.predict``), for the
+    mean-field factors fitted here. Each stick-breaking layer gives every category
+    exp(lower bound on E_q[log p(category)]), normalised over categories (the Pólya-Gamma bound
+    at its optimal ξ, :func:`_stick_bound_log_probs`):
+
+    * gating p̃(z = k | x) ∝ exp(bound) × exp(E_q log N(x1 | A_k x̃, γ_k⁻¹)) integrated over x1,
+      i.e. the experts' forward message carries −½E[γ] x̃ᵀΣ_A x̃ + ½(E log γ − log E γ);
+    * for each expert and each class y, q(x1 | z = k, y) is the Gaussian that maximises the bound
+      on log ∫ p(y | x1) N(x1 | E[A_k] x̃, E[γ_k]⁻¹) dx1 (``iters`` Pólya-Gamma fixed-point
+      iterations), and p̃(y | z = k) ∝ exp(that bound);
+    * p(y | x) = Σ_k p̃(z = k | x) p̃(y | z = k, x).
+    """
+    q = cavi.posterior
+    Xt = _tilde(X_new)
+    # gating
+    gm, gC = q["gate"].mean, q["gate"].covariance_matrix  # (S, D+1), (S, D+1, D+1)
+    phi = Xt @ gm.T
+    c = (phi ** 2 + torch.einsum("nd,sde,ne->ns", Xt, gC, Xt)).clamp_min(0).sqrt()
+    log_pz = _stick_bound_log_probs(phi, c)  # (N, K)
+    # experts: forward message N(x1 | mu, P^-1) times exp(residual)
+    Am, AC = q["A"].mean, q["A"].covariance_matrix  # (K, h, D+1), (K, h, D+1, D+1)
+    g = q["prec"]
+    Eg, Elog = g.mean, torch.digamma(g.concentration) - torch.log(g.rate)  # (K, h)
+    mu = torch.einsum("khd,nd->nkh", Am, Xt)  # (N, K, h)
+    var_a = torch.einsum("nd,khde,ne->nkh", Xt, AC, Xt)
+    log_pz = log_pz + (-0.5 * Eg * var_a + 0.5 * (Elog - Eg.log())).sum(-1)
+    log_pz = log_pz - log_pz.logsumexp(-1, keepdim=True)
+    # output layer, smoothed per expert and candidate class
+    Bm, BC = q["out"].mean, q["out"].covariance_matrix  # (S', h+1), (S', h+1, h+1)
+    BB = BC + Bm.unsqueeze(-1) * Bm.unsqueeze(-2)  # E[B_s B_sᵀ]
+    L, h = Bm.shape[0] + 1, Bm.shape[1] - 1
+    eye = torch.eye(L, dtype=Xt.dtype)
+    b = (eye.flip(-1).cumsum(-1).flip(-1))[:, :-1]  # b[y, s] = 1 for sticks s <= y
+    kappa = eye[:, :-1] - 0.5 * b  # (L, S')
+    P = torch.diag_embed(Eg).unsqueeze(1).expand(-1, L, -1, -1)  # (K, L, h, h)
+    Pmu = (Eg.unsqueeze(0) * mu).unsqueeze(2)  # (N, K, 1, h)
+    Bxx, Bx1, B11 = BB[:, :h, :h], BB[:, :h, h], BB[:, h, h]
+    c = torch.full((1, 1, L, L - 1), 1e-6, dtype=Xt.dtype)
+    for _ in range(iters):
+        w = b * torch.where(c > 1e-4, torch.tanh(c / 2) / (2 * c), 0.25 - c ** 2 / 48)  # E[ω], b = 0 or 1
+        Lam = P + torch.einsum("nkys,sij->nkyij", w, Bxx)
+        eta = Pmu + torch.einsum("ys,si->yi", kappa, Bm[:, :h]) - torch.einsum("nkys,si->nkyi", w, Bx1)
+        S = torch.linalg.inv(Lam)
+        m = (S @ eta.unsqueeze(-1)).squeeze(-1)  # (N, K, L, h)
+        MM = S + m.unsqueeze(-1) * m.unsqueeze(-2)
+        c = (torch.einsum("sij,nkyji->nkys", Bxx, MM) + 2 * torch.einsum("si,nkyi->nkys", Bx1, m) + B11).clamp_min(0).sqrt()
+    Epsi = m @ Bm[:, :h].T + Bm[:, h]  # (N, K, L, S')
+    bound = (kappa * Epsi - b * torch.logaddexp(c / 2, -c / 2)).sum(-1)
+    d = m - mu.unsqueeze(2)
+    Pd = P.unsqueeze(0)
+    kl = 0.5 * ((Pd * S).sum((-1, -2)) + (d.unsqueeze(-2) @ Pd @ d.unsqueeze(-1)).squeeze((-1, -2))
+                - h - torch.logdet(Pd.expand_as(S)) + torch.logdet(S))
+    log_py = bound - kl  # (N, K, L)
+    log_py = log_py - log_py.logsumexp(-1, keepdim=True)
+    return (log_pz.unsqueeze(-1) + log_py).logsumexp(1).exp()
+
+
 def pinwheels(num_per_class: int, num_classes: int = 5, radial_std: float = 0.7, tangential_std: float = 0.3,
               rate: float = 0.2, seed: int = 0):
     """The pinwheel data set (Johnson et al. 2016), as used by CAVI-CMN."""

@@ -92,6 +92,9 @@ def test_cmn_on_pinwheels_learns_and_elbo_never_decreases():
     assert torch.allclose(p.sum(-1), torch.ones(len(yte)))
     accuracy = (p.argmax(-1) == yte).double().mean()
     assert accuracy > 0.45  # chance is 0.2
+    pb = cmn.predict_proba_bound(cavi, Xte)  # the authors' deterministic predictive
+    assert torch.allclose(pb.sum(-1), torch.ones(len(yte)))
+    assert (pb.argmax(-1) == yte).double().mean() > 0.45
     assert "x1: Gaussian factor" in repr(cavi) and "y.omega: PolyaGamma" in repr(cavi)
 
 
@@ -134,3 +137,19 @@ def test_cmn_normal_gamma_expert_updates_match_closed_form():
     rhs = (shape / rate).unsqueeze(-1) * torch.einsum("nk,nj,nd->kjd", r, m1, Xt)
     assert torch.allclose(qA.precision_matrix, prec, rtol=1e-8)
     assert torch.allclose(qA.mean, torch.linalg.solve(prec, rhs.unsqueeze(-1)).squeeze(-1), rtol=1e-7, atol=1e-10)
+
+
+def test_stick_bound_is_exact_without_variance_and_below_the_expected_log_prob():
+    """The Pólya-Gamma bound per category: exact when the logits have no variance (c = |φ|),
+    and with variance a lower bound on E[log p(k)] (checked by Monte Carlo)."""
+    from pyro_cavi.distributions import StickBreakingCategorical
+
+    g = torch.Generator().manual_seed(0)
+    phi = torch.randn(6, 4, generator=g)
+    exact = StickBreakingCategorical(phi).log_probs
+    assert torch.allclose(cmn._stick_bound_log_probs(phi, phi.abs()), exact, atol=1e-12)
+    sd = 0.8 * torch.rand(6, 4, generator=g)
+    psi = phi + sd * torch.randn((100_000, 6, 4), generator=g)
+    expected = StickBreakingCategorical(psi).log_probs.mean(0)
+    bound = cmn._stick_bound_log_probs(phi, (phi ** 2 + sd ** 2).sqrt())
+    assert (bound <= expected + 1e-3).all() and (bound < expected - 1e-3).any()
