@@ -91,10 +91,10 @@ def test_cmn_on_pinwheels_learns_and_elbo_never_decreases():
     p = cmn.predict_proba(cavi, Xte, num_samples=100)
     assert torch.allclose(p.sum(-1), torch.ones(len(yte)))
     accuracy = (p.argmax(-1) == yte).double().mean()
-    assert accuracy > 0.45  # chance is 0.2
+    assert accuracy > 0.6  # chance is 0.2; this fit reaches about 0.77
     pb = cmn.predict_proba_bound(cavi, Xte)  # the authors' deterministic predictive
     assert torch.allclose(pb.sum(-1), torch.ones(len(yte)))
-    assert (pb.argmax(-1) == yte).double().mean() > 0.45
+    assert (pb.argmax(-1) == yte).double().mean() > 0.6
     assert "x1: Gaussian factor" in repr(cavi) and "y.omega: PolyaGamma" in repr(cavi)
 
 
