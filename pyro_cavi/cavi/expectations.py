@@ -99,6 +99,8 @@ def _block_second(site, idx_a, idx_b, mu):
     m, M = mu[site]
     if m.shape[0] == 1:
         return M[0].expand(broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
+    if idx_a is idx_b or (idx_a.shape == idx_b.shape and torch.equal(idx_a, idx_b)):  # same elements
+        return M[idx_a]
     same = (idx_a == idx_b).unsqueeze(-1).unsqueeze(-1)
     return torch.where(same, M[idx_a], m[idx_a].unsqueeze(-1) * m[idx_b].unsqueeze(-2))
 
