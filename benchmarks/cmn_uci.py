@@ -201,7 +201,8 @@ def benchmark(args, runs: pathlib.Path = RUNS) -> None:
                            n_train=len(ytr), n_test=len(yte), max_sweeps=args.max_sweeps, tol=args.tol)
                 recs = [rec]
                 if "paper_predictive" in rec:  # the same fit, scored with the authors' predictive
-                    rec2 = {**rec, **rec.pop("paper_predictive")}
+                    paper = rec.pop("paper_predictive")
+                    rec2 = {**rec, **paper}
                     rec2["method"] = label + " (paper predictive)"
                     recs.append(rec2)
                 for r in recs:
