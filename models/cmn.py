@@ -8,12 +8,14 @@ Heins et al., "Gradient-free variational learning with conditional mixture netwo
     x1_n  ~ Normal(A_{z_n} x̃_n, diag(γ_{z_n})^(-1/2))        the chosen expert's output (width h)
     y_n   ~ StickBreakingCategorical(B [x1_n, 1])            output layer over L classes
 
-with Gaussian priors on Γ, A and B and Gamma priors on the expert precisions γ. Every
+with the paper's priors (see :func:`cmn`): Gaussian Γ and B with uniform-prior stick biases,
+Normal-Gamma experts (A | γ, γ). Every
 likelihood is either Gaussian-linear or a stick-breaking logistic with linear logits,
 so with Pólya-Gamma augmentation every complete conditional is conjugate; pyro_cavi's
 CAVI finds these updates from the model below (the output logits are bilinear in the
 latent x1 and B, handled with mean-field second moments). The same function runs under
-Pyro SVI (z enumerated) and NUTS-free baselines.
+Pyro SVI (z enumerated). Two predictives: :func:`predict_proba` (Monte Carlo posterior
+predictive) and :func:`predict_proba_bound` (the authors' deterministic bound-based one).
 
 Run:  python models/cmn.py  (a small pinwheels fit)
 """
@@ -219,7 +221,7 @@ def pinwheels(num_per_class: int, num_classes: int = 5, radial_std: float = 0.7,
 
 
 def main(num_train: int = 200, num_test: int = 1000, num_experts: int = 10, seed: int = 0) -> None:
-    torch.set_default_dtype(torch.float64)
+    torch.set_default_dtype(torch.float32)  # as the authors
     torch.set_num_threads(1)  # many small tensor ops: one thread avoids OpenMP oversubscription
     X, y = pinwheels((num_train + num_test) // 5, seed=seed)
     mean, std = X[:num_train].mean(0), X[:num_train].std(0)
