@@ -199,7 +199,7 @@ def predict_proba_bound(cavi: CAVI, X_new: torch.Tensor, iters: int = 4) -> torc
     d = m - mu.unsqueeze(2)
     Pd = P.unsqueeze(0)
     kl = 0.5 * ((Pd * S).sum((-1, -2)) + (d.unsqueeze(-2) @ Pd @ d.unsqueeze(-1)).squeeze((-1, -2))
-                - h - torch.logdet(Pd.expand_as(S)) + torch.logdet(S))
+                - h - torch.logdet(Pd.expand_as(S)) - torch.logdet(S))
     log_py = bound - kl  # (N, K, L)
     log_py = log_py - log_py.logsumexp(-1, keepdim=True)
     return (log_pz.unsqueeze(-1) + log_py).logsumexp(1).exp()
