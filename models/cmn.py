@@ -146,6 +146,39 @@ def _stick_bound_log_probs(phi: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return passed + torch.cat([stop, torch.zeros_like(stop[..., :1])], -1)
 
 
+def _output_bound(mu: torch.Tensor, prec: torch.Tensor, Bm: torch.Tensor, BC: torch.Tensor, iters: int = 4) -> torch.Tensor:
+    """For hidden units x1 ~ N(mu, diag(prec)⁻¹) (``mu``: (N, K, h), ``prec``: (K, h)) and output
+    weights B_s ~ N(Bm_s, BC_s) over [x1, 1], a lower bound on log ∫ p(y | x1) N(x1) dx1 for
+    every class y (the authors' backward smoothing): q(x1 | y) Gaussian, Pólya-Gamma bounds on
+    the sticks with ξ refitted ``iters`` times, bound = E_q[Σ_s κ_s ψ_s − b_s log 2cosh(c_s/2)] −
+    KL(q(x1 | y) || N(mu, diag(prec)⁻¹)). Returns (N, K, L), unnormalised."""
+    BB = BC + Bm.unsqueeze(-1) * Bm.unsqueeze(-2)  # E[B_s B_sᵀ]
+    L, h = Bm.shape[0] + 1, Bm.shape[1] - 1
+    dtype = mu.dtype
+    eye = torch.eye(L, dtype=dtype)
+    b = (eye.flip(-1).cumsum(-1).flip(-1))[:, :-1]  # b[y, s] = 1 for sticks s <= y
+    kappa = eye[:, :-1] - 0.5 * b  # (L, S')
+    P = torch.diag_embed(prec).unsqueeze(1).expand(-1, L, -1, -1)  # (K, L, h, h)
+    Pmu = (prec.unsqueeze(0) * mu).unsqueeze(2)  # (N, K, 1, h)
+    Bxx, Bx1, B11 = BB[:, :h, :h], BB[:, :h, h], BB[:, h, h]
+    c = torch.full((1, 1, L, L - 1), 1e-6, dtype=dtype)
+    for _ in range(iters):
+        w = b * torch.where(c > 1e-4, torch.tanh(c / 2) / (2 * c), 0.25 - c ** 2 / 48)  # E[ω], b = 0 or 1
+        Lam = P + torch.einsum("nkys,sij->nkyij", w, Bxx)
+        eta = Pmu + torch.einsum("ys,si->yi", kappa, Bm[:, :h]) - torch.einsum("nkys,si->nkyi", w, Bx1)
+        S = torch.linalg.inv(Lam)
+        m = (S @ eta.unsqueeze(-1)).squeeze(-1)  # (N, K, L, h)
+        MM = S + m.unsqueeze(-1) * m.unsqueeze(-2)
+        c = (torch.einsum("sij,nkyji->nkys", Bxx, MM) + 2 * torch.einsum("si,nkyi->nkys", Bx1, m) + B11).clamp_min(0).sqrt()
+    Epsi = m @ Bm[:, :h].T + Bm[:, h]  # (N, K, L, S')
+    bound = (kappa * Epsi - b * torch.logaddexp(c / 2, -c / 2)).sum(-1)
+    d = m - mu.unsqueeze(2)
+    Pd = P.unsqueeze(0)
+    kl = 0.5 * ((Pd * S).sum((-1, -2)) + (d.unsqueeze(-2) @ Pd @ d.unsqueeze(-1)).squeeze((-1, -2))
+                - h - torch.logdet(Pd.expand_as(S)) - torch.logdet(S))
+    return bound - kl
+
+
 @torch.no_grad()
 def predict_proba_bound(cavi: CAVI, X_new: torch.Tensor, iters: int = 4) -> torch.Tensor:
     """The authors' deterministic predictive (VersesTech/cavi-cmn, ``model.predict``), for the
@@ -176,31 +209,7 @@ def predict_proba_bound(cavi: CAVI, X_new: torch.Tensor, iters: int = 4) -> torc
     log_pz = log_pz + (-0.5 * Eg * var_a + 0.5 * (Elog - Eg.log())).sum(-1)
     log_pz = log_pz - log_pz.logsumexp(-1, keepdim=True)
     # output layer, smoothed per expert and candidate class
-    Bm, BC = q["out"].mean, q["out"].covariance_matrix  # (S', h+1), (S', h+1, h+1)
-    BB = BC + Bm.unsqueeze(-1) * Bm.unsqueeze(-2)  # E[B_s B_sᵀ]
-    L, h = Bm.shape[0] + 1, Bm.shape[1] - 1
-    eye = torch.eye(L, dtype=Xt.dtype)
-    b = (eye.flip(-1).cumsum(-1).flip(-1))[:, :-1]  # b[y, s] = 1 for sticks s <= y
-    kappa = eye[:, :-1] - 0.5 * b  # (L, S')
-    P = torch.diag_embed(Eg).unsqueeze(1).expand(-1, L, -1, -1)  # (K, L, h, h)
-    Pmu = (Eg.unsqueeze(0) * mu).unsqueeze(2)  # (N, K, 1, h)
-    Bxx, Bx1, B11 = BB[:, :h, :h], BB[:, :h, h], BB[:, h, h]
-    c = torch.full((1, 1, L, L - 1), 1e-6, dtype=Xt.dtype)
-    for _ in range(iters):
-        w = b * torch.where(c > 1e-4, torch.tanh(c / 2) / (2 * c), 0.25 - c ** 2 / 48)  # E[ω], b = 0 or 1
-        Lam = P + torch.einsum("nkys,sij->nkyij", w, Bxx)
-        eta = Pmu + torch.einsum("ys,si->yi", kappa, Bm[:, :h]) - torch.einsum("nkys,si->nkyi", w, Bx1)
-        S = torch.linalg.inv(Lam)
-        m = (S @ eta.unsqueeze(-1)).squeeze(-1)  # (N, K, L, h)
-        MM = S + m.unsqueeze(-1) * m.unsqueeze(-2)
-        c = (torch.einsum("sij,nkyji->nkys", Bxx, MM) + 2 * torch.einsum("si,nkyi->nkys", Bx1, m) + B11).clamp_min(0).sqrt()
-    Epsi = m @ Bm[:, :h].T + Bm[:, h]  # (N, K, L, S')
-    bound = (kappa * Epsi - b * torch.logaddexp(c / 2, -c / 2)).sum(-1)
-    d = m - mu.unsqueeze(2)
-    Pd = P.unsqueeze(0)
-    kl = 0.5 * ((Pd * S).sum((-1, -2)) + (d.unsqueeze(-2) @ Pd @ d.unsqueeze(-1)).squeeze((-1, -2))
-                - h - torch.logdet(Pd.expand_as(S)) - torch.logdet(S))
-    log_py = bound - kl  # (N, K, L)
+    log_py = _output_bound(mu, Eg, q["out"].mean, q["out"].covariance_matrix, iters)  # (N, K, L)
     log_py = log_py - log_py.logsumexp(-1, keepdim=True)
     return (log_pz.unsqueeze(-1) + log_py).logsumexp(1).exp()
 
