@@ -21,10 +21,12 @@ For an affine expression :math:`d = c + \sum_s A_s x_s`:
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch.overrides import has_torch_function
 
 from .factors import ExpFamilyFactor, _NotASufficientStatistic
 from . import symbolic
@@ -37,6 +39,29 @@ Moments = Dict[str, Tuple[Tensor, ...]]
 
 class NotConjugate(Exception):
     """Raised by an expectation that the factors cannot give in closed form."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _contraction_path(equation: str, shapes: tuple) -> Optional[list]:
+    oe = torch.backends.opt_einsum.get_opt_einsum()
+    if oe is None:
+        return None
+    path = oe.contract_path(equation, *shapes, shapes=True, optimize=torch.backends.opt_einsum.strategy)[0]
+    return [i for pair in path for i in pair]
+
+
+def _einsum(equation: str, *operands: Tensor) -> Tensor:
+    """``torch.einsum`` with the contraction path of three or more operands cached per equation
+    and operand shapes. ``torch.einsum`` asks opt_einsum for the path on every call, which costs
+    more than the contraction itself for the small operands of a sweep (about a tenth of a
+    CMN sweep); the shapes repeat from sweep to sweep, so the path is found once. Same path,
+    same result."""
+    if len(operands) <= 2 or not torch.backends.opt_einsum.enabled or has_torch_function(operands):
+        return torch.einsum(equation, *operands)
+    path = _contraction_path(equation, tuple(tuple(o.shape) for o in operands))
+    if path is None:
+        return torch.einsum(equation, *operands)
+    return torch._VF.einsum(equation, operands, path=path)  # what torch.einsum calls with its path
 
 
 def expr_of(x):
@@ -64,12 +89,14 @@ def _block_second(site, idx_a, idx_b, mu):
     m, M = mu[site]
     if m.shape[0] == 1:
         return M[0].expand(symbolic.broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
+    if idx_a is idx_b or (idx_a.shape == idx_b.shape and torch.equal(idx_a, idx_b)):  # same elements
+        return M[idx_a]
     same = (idx_a == idx_b).unsqueeze(-1).unsqueeze(-1)
     return torch.where(same, M[idx_a], m[idx_a].unsqueeze(-1) * m[idx_b].unsqueeze(-2))
 
 
 def _pair_mean(site_a, site_b, coef, ia, ib, mu):
-    return torch.einsum("...ef,...e,...f->...", coef, _block_mean(site_a, ia, mu), _block_mean(site_b, ib, mu))
+    return _einsum("...ef,...e,...f->...", coef, _block_mean(site_a, ia, mu), _block_mean(site_b, ib, mu))
 
 
 def _bil_mean(e: Bil, factors, mu) -> Tensor:
@@ -91,9 +118,9 @@ def _bil_second_moment(e: Bil, factors, mu) -> Tensor:
         for s, (a, idx) in lin.terms.items():
             a = a.expand(e.shape + a.shape[-1:])
             if s == sa:
-                cross = cross + torch.einsum("...g,...ge,...ef,...f->...", a, _block_second(s, idx.expand(e.shape), ia, mu), coef, _block_mean(sb, ib, mu))
+                cross = cross + _einsum("...g,...ge,...ef,...f->...", a, _block_second(s, idx.expand(e.shape), ia, mu), coef, _block_mean(sb, ib, mu))
             elif s == sb:
-                cross = cross + torch.einsum("...g,...gf,...ef,...e->...", a, _block_second(s, idx.expand(e.shape), ib, mu), coef, _block_mean(sa, ia, mu))
+                cross = cross + _einsum("...g,...gf,...ef,...e->...", a, _block_second(s, idx.expand(e.shape), ib, mu), coef, _block_mean(sa, ia, mu))
             else:
                 cross = cross + (a * _block_mean(s, idx.expand(e.shape), mu)).sum(-1) * _pair_mean(sa, sb, coef, ia, ib, mu)
         out = out + 2 * cross
@@ -114,7 +141,7 @@ def _bil_second_moment(e: Bil, factors, mu) -> Tensor:
                     done.add(partner)
                     operands.append(_block_second(site, idx, slots[partner][1], mu))
                     subs.append("..." + letter + slots[partner][2])
-            out = out + torch.einsum(",".join(subs) + "->...", *operands)
+            out = out + _einsum(",".join(subs) + "->...", *operands)
     return out
 
 
@@ -184,7 +211,7 @@ def variance(x, factors, mu) -> Tensor:
         elif f.num_blocks == 1:
             out = out + ((coef @ cov[0]) * coef).sum(-1)
         else:
-            out = out + torch.einsum("...i,...ij,...j->...", coef, cov[idx], coef)
+            out = out + _einsum("...i,...ij,...j->...", coef, cov[idx], coef)
     return out
 
 
@@ -496,7 +523,7 @@ def quadratic_form(x, precision: Tensor, factors, mu) -> Tensor:
             q = coef @ cov[0] @ coef.mT
         else:
             idx = idx.expand(e.shape)
-            q = torch.einsum("...ie,...ief,...jf->...ij", coef, cov[idx], coef)
+            q = _einsum("...ie,...ief,...jf->...ij", coef, cov[idx], coef)
             q = q * (idx.unsqueeze(-1) == idx.unsqueeze(-2)).to(q.dtype)
         out = out + (precision * q).sum((-1, -2))
     return out
