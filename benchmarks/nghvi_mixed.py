@@ -42,6 +42,7 @@ from pyro.optim import Adam
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from models.mixed import (  # noqa: E402
+    deep_mixed_globals,
     deep_mixed_model,
     linear_random_intercept,
     logistic_random_intercept,
@@ -132,15 +133,8 @@ def deep_mixed_collapsed(X, group, num_groups, y, hidden=(5, 5)):
     n_i = int(counts[0])
     if not bool((counts == n_i).all()) or not bool((group == torch.arange(num_groups).repeat_interleave(n_i)).all()):
         raise ValueError("deep_mixed_collapsed needs equal group sizes with rows sorted by group")
-    sizes = [X.shape[1] - 1] + list(hidden)
-    weights = [
-        pyro.sample(f"W{l + 1}", dist.Normal(X.new_zeros(sizes[l + 1], sizes[l] + 1), 10.0).to_event(2))
-        for l in range(len(hidden))
-    ]
-    r = sizes[-1] + 1
-    beta = pyro.sample("beta", dist.Normal(X.new_zeros(r), 10.0).to_event(1))
-    tau2 = pyro.sample("tau2", dist.InverseGamma(X.new_full((r,), 1.01), 1.01).to_event(1))
-    sigma2_e = pyro.sample("sigma2_e", dist.InverseGamma(X.new_tensor(1.01), 1.01))
+    weights, beta, tau2, sigma2_e = deep_mixed_globals(X, hidden)
+    r = beta.shape[-1]
     Z = relu_features(X, weights).reshape(num_groups, n_i, r)
     cov = (Z * tau2) @ Z.transpose(-1, -2) + sigma2_e * torch.eye(n_i, dtype=X.dtype)
     with pyro.plate("groups", num_groups):

@@ -87,15 +87,9 @@ def relu_features(X, weights):
     return h
 
 
-def deep_mixed_model(X, group, num_groups: int, y=None, hidden=(5, 5)):
-    """
-    Example 2a: ``y_ij ~ N(z(x_ij; W)^T (beta + alpha_i), sigma2_e)`` with ``z`` the ReLU
-    features of ``hidden`` layers (plus a bias), ``alpha_i ~ N(0, diag(tau2))``,
-    ``W, beta ~ N(0, 100)``, ``tau2_k, sigma2_e ~ InverseGamma(1.01, 1.01)``.
-    (The paper puts an inverse-Wishart prior on a full random-effect covariance; here it is
-    diagonal.)  Global: ``W{l}``, ``beta``, ``tau2``, ``sigma2_e``; local: ``alpha`` (``num_groups x r``).
-    """
-    _check_design(X, group, num_groups, y)
+def deep_mixed_globals(X, hidden=(5, 5)):
+    """The global sites of the deep mixed model and their priors: ReLU weights ``W{l}`` and
+    ``beta`` ~ N(0, 100), ``tau2_k``, ``sigma2_e`` ~ InverseGamma(1.01, 1.01)."""
     sizes = [X.shape[1] - 1] + list(hidden)
     weights = [
         pyro.sample(f"W{l + 1}", dist.Normal(X.new_zeros(sizes[l + 1], sizes[l] + 1), 10.0).to_event(2))
@@ -105,6 +99,20 @@ def deep_mixed_model(X, group, num_groups: int, y=None, hidden=(5, 5)):
     beta = pyro.sample("beta", dist.Normal(X.new_zeros(r), 10.0).to_event(1))
     tau2 = pyro.sample("tau2", dist.InverseGamma(X.new_full((r,), 1.01), 1.01).to_event(1))
     sigma2_e = pyro.sample("sigma2_e", dist.InverseGamma(X.new_tensor(1.01), 1.01))
+    return weights, beta, tau2, sigma2_e
+
+
+def deep_mixed_model(X, group, num_groups: int, y=None, hidden=(5, 5)):
+    """
+    Example 2a: ``y_ij ~ N(z(x_ij; W)^T (beta + alpha_i), sigma2_e)`` with ``z`` the ReLU
+    features of ``hidden`` layers (plus a bias), ``alpha_i ~ N(0, diag(tau2))``,
+    ``W, beta ~ N(0, 100)``, ``tau2_k, sigma2_e ~ InverseGamma(1.01, 1.01)``.
+    (The paper puts an inverse-Wishart prior on a full random-effect covariance; here it is
+    diagonal.)  Global: ``W{l}``, ``beta``, ``tau2``, ``sigma2_e``; local: ``alpha`` (``num_groups x r``).
+    """
+    _check_design(X, group, num_groups, y)
+    weights, beta, tau2, sigma2_e = deep_mixed_globals(X, hidden)
+    r = beta.shape[-1]
     with pyro.plate("groups", num_groups):
         alpha = pyro.sample("alpha", dist.Normal(X.new_zeros(r), tau2.sqrt()).to_event(1))
     features = relu_features(X, weights)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import pyro
+import pyro.distributions as dist
 
 # tiny linear-algebra calls are slowed a thousandfold by OpenMP threads competing for 2 busy cores
 torch.set_num_threads(1)
@@ -27,3 +28,13 @@ def fit(engine, *args, num_steps=200, tol=1e-12, **kwargs):
             if abs(prev - cur) <= tol * max(1.0, abs(cur)):
                 break
     return losses
+
+
+def three_component_mixture(y):
+    """A 1-D mixture of three unit-variance Gaussians (the tests' small mixture)."""
+    w = pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=y.dtype)))
+    with pyro.plate("comp", 3):
+        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
+    with pyro.plate("data", len(y)):
+        z = pyro.sample("z", dist.Categorical(w))
+        pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)

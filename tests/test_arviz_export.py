@@ -12,6 +12,8 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_cavi import CAVI, to_inference_data
 
+from conftest import three_component_mixture
+
 warnings.filterwarnings("ignore", module="arviz")
 az = pytest.importorskip("arviz")
 
@@ -104,15 +106,6 @@ def test_mixture_export_has_local_sites():
 def four_clusters():
     g = torch.Generator().manual_seed(1)
     return torch.cat([torch.randn(25, generator=g) + c for c in (-9.0, -3.0, 3.0, 9.0)]).double()
-
-
-def three_component_mixture(y):
-    w = pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=y.dtype)))
-    with pyro.plate("comp", 3):
-        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
-    with pyro.plate("data", len(y)):
-        z = pyro.sample("z", dist.Categorical(w))
-        pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
 
 
 def test_fits_from_several_seeds_become_chains():

@@ -18,6 +18,8 @@ import pyro.distributions as dist
 
 from pyro_cavi import CAVI, to_inference_data
 
+from conftest import three_component_mixture
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "models"))
 
@@ -93,20 +95,11 @@ def _four_clusters():
     return torch.cat([torch.randn(25, generator=g, dtype=torch.float64) + c for c in (-9.0, -3.0, 3.0, 9.0)])
 
 
-def _three_components(y):
-    w = pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=y.dtype)))
-    with pyro.plate("comp", 3):
-        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
-    with pyro.plate("data", len(y)):
-        z = pyro.sample("z", dist.Categorical(w))
-        pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
-
-
 def test_best_restart_is_kept():
     """Three components for four clusters: restarts end in different optima."""
     Y = _four_clusters()
     R = 6
-    cavi = CAVI(_three_components, seed=0, num_restarts=R, init="forgy", batch_restarts=True)
+    cavi = CAVI(three_component_mixture, seed=0, num_restarts=R, init="forgy", batch_restarts=True)
     result = cavi.run(Y, num_steps=300, tol=1e-10, progress=False)
     elbos = result.restart_elbos
     best = max(range(R), key=lambda r: elbos[r])
@@ -128,7 +121,7 @@ def test_best_restart_is_kept():
     # the engine goes on from the kept restart like a single fit
     before = cavi.elbo_trace[-1]
     assert -cavi.step(Y) >= before - 1e-9 * abs(before)
-    idata = to_inference_data(cavi, _three_components, Y, num_samples=20)
+    idata = to_inference_data(cavi, three_component_mixture, Y, num_samples=20)
     assert idata.posterior["loc"].shape == (1, 20, 3)
 
 
@@ -258,17 +251,17 @@ def test_one_restart_through_the_batched_sweep_is_the_single_fit():
 
 def test_restarts_as_chains():
     Y = _four_clusters()
-    cavi = CAVI(_three_components, seed=0, num_restarts=4, init="forgy")
+    cavi = CAVI(three_component_mixture, seed=0, num_restarts=4, init="forgy")
     result = cavi.run(Y, num_steps=300, tol=1e-10, progress=False)
     fits = cavi.restart_fits()
     assert [f.elbo_trace for f in fits] == result.restart_traces
     for r, f in enumerate(fits):
         assert -f.evaluate_loss(Y) == pytest.approx(result.restart_elbos[r], rel=1e-12)
-    idata = to_inference_data(fits, _three_components, Y, num_samples=30)
+    idata = to_inference_data(fits, three_component_mixture, Y, num_samples=30)
     assert idata.posterior["loc"].shape == (4, 30, 3)
     assert idata.attrs["chain_elbo"] == pytest.approx(result.restart_elbos)
     assert idata.attrs["best_chain"] == result.restart
     # the engine itself still holds the best restart
     assert cavi.elbo_trace == result.elbo_trace
     with pytest.raises(RuntimeError, match="call run\\(\\) with num_restarts > 1 first"):
-        CAVI(_three_components).restart_fits()
+        CAVI(three_component_mixture).restart_fits()
