@@ -235,3 +235,25 @@ def test_softmax_categorical_points_to_stick_breaking():
 
     with pytest.raises(NonConjugateError, match="StickBreakingCategorical"):
         CAVI(model).step(torch.randn(5, 2), torch.tensor([0, 1, 2, 1, 0]))
+
+
+def test_integer_labels_keep_the_models_float64():
+    # the only observed site holds integer labels: the factors take the dtype of the model's
+    # latents (float64 here), not torch's default dtype
+    from pyro_cavi.distributions import StickBreakingCategorical
+
+    torch.set_default_dtype(torch.float32)  # restored by conftest's fixture
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(3, (60,), generator=g)
+
+    def classifier(X, y):
+        with pyro.plate("sticks", 2):
+            w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=X.dtype), 1.0).to_event(1))
+        with pyro.plate("data", len(X)):
+            pyro.sample("y", StickBreakingCategorical(X @ w.T), obs=y)
+
+    cavi = CAVI(classifier, seed=0)
+    losses = [cavi.step(X, y) for _ in range(5)]
+    assert all(b <= a + 1e-9 * abs(a) for a, b in zip(losses, losses[1:]))
+    assert cavi.posterior["w"].loc.dtype == torch.float64

@@ -140,6 +140,7 @@ def prior_structure(model, args, kwargs):
     observed = []
     nesting = 0
     dtype, device = None, None
+    latent_dtype, latent_device = None, None
     for name, site in tr.nodes.items():
         if site_is_subsample(site):
             if site["value"].shape[0] != site["fn"].size:
@@ -162,6 +163,9 @@ def prior_structure(model, args, kwargs):
             continue
         family, event_dim = _family(name, fn)
         shape = site["value"].shape
+        if latent_dtype is None and site["value"].is_floating_point():
+            # labels-only models (a classifier's observed site is integer): the prior's dtype
+            latent_dtype, latent_device = site["value"].dtype, site["value"].device
         support = None
         if family == "Categorical":
             base, _, _ = unwrap(fn)
@@ -180,6 +184,8 @@ def prior_structure(model, args, kwargs):
             if site["type"] == "sample" and isinstance(site["value"], torch.Tensor) and site["value"].is_floating_point():
                 device = site["value"].device
                 break
+    if dtype is None:
+        dtype, device = latent_dtype, latent_device if device is None else device
     dtype = dtype or torch.get_default_dtype()
     device = device or torch.device("cpu")
     for i, site in enumerate(s for s in latents.values() if s.family == "Categorical"):
