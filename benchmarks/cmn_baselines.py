@@ -133,7 +133,7 @@ class BBVIFit:
 
 
 class _Draws:
-    """Posterior draws of the global sites, dressed as ``cavi.posterior`` for ``cmn.predict_proba``."""
+    """Posterior draws of the global sites, dressed as a fitted engine for ``cmn.predict_proba``."""
 
     class _Site:
         def __init__(self, value: torch.Tensor):
@@ -146,6 +146,9 @@ class _Draws:
 
     def __init__(self, draws: Dict[str, torch.Tensor]):
         self.posterior = {name: self._Site(v) for name, v in draws.items()}
+
+    def sample_posterior(self, num_samples: int, sites) -> Dict[str, torch.Tensor]:
+        return {name: self.posterior[name].sample((num_samples,)) for name in sites}
 
 
 def fit_bbvi(X: torch.Tensor, y: torch.Tensor, num_experts: int = 20, num_steps: int = 3000, lr: float = 0.01,

@@ -107,11 +107,17 @@ def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden
         return pyro.sample("y", StickBreakingCategorical(_tilde(x1) @ out.T), obs=y)
 
 
-def fit_cavi(X, y, num_experts: int = 20, num_steps: int = 200, tol: float = 1e-6, seed: int = 0, **kwargs):
-    """Fit a CMN by CAVI; returns the engine (its ``posterior`` holds every factor)."""
+def fit_cavi(X, y, num_experts: int = 20, num_steps: int = 200, tol: float = 1e-6, seed: int = 0,
+             joint_experts: bool = False, **kwargs):
+    """Fit a CMN by CAVI; returns the engine (its ``posterior`` holds every factor).
+
+    ``joint_experts=True`` fits each expert row and its precision with one Normal-Gamma factor
+    (``CAVI(..., joint=[("A", "prec")])``), as the authors' matrix-normal-gamma posterior does;
+    the default is mean-field q(A) q(γ)."""
     # experts start from random data points (Forgy); k-means++ seeding over-fits the experts'
     # precisions to single points before the hidden layer has settled
-    cavi = CAVI(lambda X, y: cmn(X, y, num_experts=num_experts, **kwargs), seed=seed, init="forgy")
+    joint = [("A", "prec")] if joint_experts else ()
+    cavi = CAVI(lambda X, y: cmn(X, y, num_experts=num_experts, **kwargs), seed=seed, init="forgy", joint=joint)
     cavi.run(X, y, num_steps=num_steps, tol=tol, progress=False)
     return cavi
 
@@ -120,11 +126,8 @@ def fit_cavi(X, y, num_experts: int = 20, num_steps: int = 200, tol: float = 1e-
 def predict_proba(cavi: CAVI, X_new: torch.Tensor, num_samples: int = 200) -> torch.Tensor:
     """Posterior predictive class probabilities p(y | x_new, data), by Monte Carlo over the
     global factors (Γ, A, γ, B) and exact sums over experts."""
-    q = cavi.posterior
-    gate = q["gate"].sample((num_samples,))  # (S, K-1, D+1)
-    A = q["A"].sample((num_samples,))  # (S, K, h, D+1)
-    prec = q["prec"].sample((num_samples,))  # (S, K, h)
-    out = q["out"].sample((num_samples,))  # (S, L-1, h+1)
+    draws = cavi.sample_posterior(num_samples, ["gate", "A", "prec", "out"])  # A and γ jointly if fitted so
+    gate, A, prec, out = draws["gate"], draws["A"], draws["prec"], draws["out"]  # (S, K-1, D+1), (S, K, h, D+1), (S, K, h), (S, L-1, h+1)
     Xt = _tilde(X_new)
     log_w = StickBreakingCategorical(Xt @ gate.mT).log_probs  # (S, N, K)
     loc = torch.einsum("skhd,nd->snkh", A, Xt)
@@ -201,9 +204,14 @@ def predict_proba_bound(cavi: CAVI, X_new: torch.Tensor, iters: int = 4) -> torc
     c = (phi ** 2 + torch.einsum("nd,sde,ne->ns", Xt, gC, Xt)).clamp_min(0).sqrt()
     log_pz = _stick_bound_log_probs(phi, c)  # (N, K)
     # experts: forward message N(x1 | mu, P^-1) times exp(residual)
-    Am, AC = q["A"].mean, q["A"].covariance_matrix  # (K, h, D+1), (K, h, D+1, D+1)
     g = q["prec"]
     Eg, Elog = g.mean, torch.digamma(g.concentration) - torch.log(g.rate)  # (K, h)
+    if "A+prec" in cavi.factors:  # joint Normal-Gamma experts: A's γ-tilted moments, so Eg·var_a = E[γ (a·x - m·x)²]
+        f = cavi.factors["A+prec"]
+        Am = f.loc.reshape(Eg.shape + f.loc.shape[-1:])
+        AC = (f.scale_tril @ f.scale_tril.mT).reshape(Eg.shape + f.scale_tril.shape[-2:]) / Eg[..., None, None]
+    else:
+        Am, AC = q["A"].mean, q["A"].covariance_matrix  # (K, h, D+1), (K, h, D+1, D+1)
     mu = torch.einsum("khd,nd->nkh", Am, Xt)  # (N, K, h)
     var_a = torch.einsum("nd,khde,ne->nkh", Xt, AC, Xt)
     log_pz = log_pz + (-0.5 * Eg * var_a + 0.5 * (Elog - Eg.log())).sum(-1)

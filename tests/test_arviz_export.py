@@ -337,7 +337,7 @@ def cmn_heldout_predictive(draw, X_new, num_x1=64):
 
 
 class _Tiled:
-    """Given posterior draws, dressed as ``cavi.posterior`` for ``cmn.predict_proba``: asking
+    """Given posterior draws, dressed as a fitted engine for ``cmn.predict_proba``: asking
     for S samples returns the draws repeated S / len(draws) times."""
 
     class _Site:
@@ -351,6 +351,9 @@ class _Tiled:
 
     def __init__(self, draws):
         self.posterior = {k: self._Site(v) for k, v in draws.items()}
+
+    def sample_posterior(self, num_samples, sites):
+        return {k: self.posterior[k].sample((num_samples,)) for k in sites}
 
 
 @pytest.fixture(scope="module")

@@ -92,6 +92,14 @@ def test_normal_gamma_regression_is_exact_and_guide_draws_are_joint():
     torch.testing.assert_close(cov, torch.linalg.inv(Ln), atol=4 * float(torch.linalg.inv(Ln).diagonal().max()) / 4000 ** 0.5, rtol=0)
     assert float(tau.mean()) == pytest.approx(an / bn, rel=0.03)
 
+    # sample_posterior draws the pair jointly too, with the site shapes
+    draws = cavi.sample_posterior(4000, ["tau", "w"])
+    assert draws["w"].shape == (4000, D) and draws["tau"].shape == (4000,)
+    scaled = (draws["w"] - mn) * draws["tau"].sqrt().unsqueeze(-1)
+    torch.testing.assert_close(scaled.T @ scaled / 4000, torch.linalg.inv(Ln), atol=4 * float(torch.linalg.inv(Ln).diagonal().max()) / 4000 ** 0.5, rtol=0)
+    with pytest.raises(ValueError, match="'v' is not a latent site"):
+        cavi.sample_posterior(3, ["v"])
+
 
 def mixture_of_regressions(X, y, K=3, lam0=1.0):
     N, D = X.shape

@@ -773,6 +773,35 @@ class CAVI:
             return dist.MultivariateNormal(loc, scale_tril=tril)
         return ReshapedMultivariateNormal(loc, tril, site.shape)
 
+    @torch.no_grad()
+    def sample_posterior(self, num_samples: int, sites: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
+        """``num_samples`` draws of each latent site (shape ``(num_samples,) + site shape``) from the
+        fitted posterior, jointly within structured factors (a joint Gaussian group, a
+        Normal-Gamma pair), in the order of ``sites`` (default: every latent site)."""
+        if not self.factors:
+            raise RuntimeError("CAVI.sample_posterior: call step() or run() before drawing from the posterior")
+        names = list(self.latents) if sites is None else list(sites)
+        unknown = [n for n in names if n not in self.latents]
+        if unknown:
+            raise ValueError(f"sample_posterior: {unknown[0]!r} is not a latent site (sites: {sorted(self.latents)})")
+        out, joint = {}, {}
+        for name in names:
+            group = self._group_of.get(name)
+            if group is None:
+                out[name] = self.factors[name].distribution().sample((num_samples,))
+                continue
+            if group not in joint:
+                f = self.factors[group]
+                if group in self._normal_gamma:
+                    w, tau = (self.latents[n] for n in self._normal_gamma[group])
+                    joint[group] = normal_gamma.sample(f, w, tau, num_samples)
+                else:
+                    v = dist.MultivariateNormal(f.loc[0], scale_tril=f.scale_tril[0]).sample((num_samples,))
+                    joint[group] = {m: v[:, o:o + k].reshape((num_samples,) + self.latents[m].shape)
+                                    for m, o, k in self._group_layout(group)}
+            out[name] = joint[group][name]
+        return out
+
     def guide(self, *args, **kwargs) -> Dict[str, Tensor]:
         """A Pyro guide drawing every latent site from its fitted factor (for ``Predictive``)."""
         if not self.factors:

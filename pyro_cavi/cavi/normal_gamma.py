@@ -114,6 +114,14 @@ def guide_draws(group: str, f: NormalGammaFactor, w: LatentSite, tau: LatentSite
     return {w.name: v.reshape(lead + w.shape), tau.name: t.reshape(lead + tau.shape)}
 
 
+def sample(f: NormalGammaFactor, w: LatentSite, tau: LatentSite, num_samples: int) -> Dict[str, Tensor]:
+    """``num_samples`` joint draws: ``tau`` from its Gamma, then ``w | tau``."""
+    t = dist.Gamma(f.concentration, f.rate).sample((num_samples,))  # (S, blocks)
+    eps = torch.randn((num_samples,) + f.loc.shape, dtype=f.loc.dtype, device=f.loc.device)
+    v = f.loc + (f.scale_tril @ eps.unsqueeze(-1)).squeeze(-1) * t.rsqrt().unsqueeze(-1)
+    return {w.name: v.reshape((num_samples,) + w.shape), tau.name: t.reshape((num_samples,) + tau.shape)}
+
+
 def marginal(f: NormalGammaFactor, site: LatentSite, w: LatentSite, tau: LatentSite):
     q_w, q_tau = f.marginals(w.shape, w.event_dim, tau.shape)
     return q_w if site.name == w.name else q_tau
