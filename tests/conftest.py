@@ -30,11 +30,18 @@ def fit(engine, *args, num_steps=200, tol=1e-12, **kwargs):
     return losses
 
 
-def three_component_mixture(y):
-    """A 1-D mixture of three unit-variance Gaussians (the tests' small mixture)."""
-    w = pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=y.dtype)))
-    with pyro.plate("comp", 3):
-        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
-    with pyro.plate("data", len(y)):
-        z = pyro.sample("z", dist.Categorical(w))
-        pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
+def gaussian_mixture(num_components: int):
+    """A 1-D mixture of ``num_components`` unit-variance Gaussians (the tests' small mixture)."""
+
+    def mixture(y):
+        w = pyro.sample("w", dist.Dirichlet(torch.ones(num_components, dtype=y.dtype)))
+        with pyro.plate("components", num_components):
+            loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Categorical(w))
+            pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
+
+    return mixture
+
+
+three_component_mixture = gaussian_mixture(3)

@@ -12,7 +12,7 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_cavi import CAVI, to_inference_data
 
-from conftest import three_component_mixture
+from conftest import gaussian_mixture, three_component_mixture
 
 warnings.filterwarnings("ignore", module="arviz")
 az = pytest.importorskip("arviz")
@@ -87,14 +87,7 @@ def test_mixture_export_has_local_sites():
     g = torch.Generator().manual_seed(1)
     y = torch.cat([torch.randn(50, generator=g) - 3, torch.randn(50, generator=g) + 3]).double()
 
-    def model(y):
-        w = pyro.sample("w", dist.Dirichlet(torch.ones(2, dtype=y.dtype)))
-        with pyro.plate("comp", 2):
-            loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
-        with pyro.plate("data", len(y)):
-            z = pyro.sample("z", dist.Categorical(w))
-            pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
-
+    model = gaussian_mixture(2)
     cavi = CAVI(model, seed=0)
     cavi.run(y, progress=False)
     idata = to_inference_data(cavi, model, y, num_samples=100)

@@ -13,6 +13,8 @@ from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
 from pyro_cavi import CAVI
 from pyro_cavi.diagnostics import khat_reading, psis
 
+from conftest import gaussian_mixture
+
 warnings.filterwarnings("ignore", module="arviz")
 az = pytest.importorskip("arviz")
 
@@ -284,13 +286,7 @@ def test_forward_kl_amortised_posterior():
     assert torch.allclose(res.log_ratios, log_p - q.log_prob(theta), atol=1e-4)
 
 
-def mixture(y):
-    w = pyro.sample("w", dist.Dirichlet(torch.ones(2, dtype=y.dtype)))
-    with pyro.plate("components", 2):
-        loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
-    with pyro.plate("data", len(y)):
-        z = pyro.sample("z", dist.Categorical(w))
-        pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
+mixture = gaussian_mixture(2)
 
 
 def test_discrete_local_sites_sampled_or_enumerated():
@@ -327,14 +323,7 @@ def test_chain_summary_names_the_best_restart():
     g = torch.Generator().manual_seed(1)
     y = torch.cat([torch.randn(25, generator=g) + c for c in (-9.0, -3.0, 3.0, 9.0)]).double()
 
-    def three(y):
-        w = pyro.sample("w", dist.Dirichlet(torch.ones(3, dtype=y.dtype)))
-        with pyro.plate("components", 3):
-            loc = pyro.sample("loc", dist.Normal(torch.tensor(0.0, dtype=y.dtype), 10.0))
-        with pyro.plate("data", len(y)):
-            z = pyro.sample("z", dist.Categorical(w))
-            pyro.sample("y", dist.Normal(loc[z], 1.0), obs=y)
-
+    three = gaussian_mixture(3)
     fits = [CAVI(three, seed=s) for s in (0, 1)]
     for f in fits:
         f.run(y, progress=False)
