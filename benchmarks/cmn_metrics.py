@@ -53,6 +53,5 @@ def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, num_bins: i
     correct = (pred == y).double()
     # bin b holds ((b-1)/B, b/B]; confidence 0 goes to bin 1
     bins = (torch.ceil(conf * num_bins).long() - 1).clamp(0, num_bins - 1)
-    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
     gap = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, bins, correct - conf)
     return float(gap.abs().sum() / len(y))

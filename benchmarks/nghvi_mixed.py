@@ -356,7 +356,6 @@ def run(name, sigma2_a, steps, groups, seed, num_draws, mcmc_samples, plot, opts
         train, _, test = simulate_deep_mixed(num_groups=groups, seed=seed)
     args = _args(train)
     eval_every = 20
-    window = 5 if name == "logistic" else 100
     results = {}
     for method in ("NG-HVI", "SG-HVI", "Pyro SVI"):
         guide, iters, elbos, seconds = fit(name, method, args, steps, seed, eval_every)

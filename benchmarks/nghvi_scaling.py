@@ -106,7 +106,7 @@ def main():
         sg_opt = NaturalGradientAdadelta([loc, W, u], transform, natural_gradient=False, momentum=0.0, clip_norm=None)
         t_sg_step = _time(sg_opt.step, args.repeats)
         rows.append((M, t_ng, t_ng_step, t_sg_step, sum(cg) / len(cg)))
-    print(f"| dim theta M | natural gradient (ms) | NG-HVI step (ms) | SG-HVI step (ms) | CG iterations | ms / M x 1000 |")
+    print("| dim theta M | natural gradient (ms) | NG-HVI step (ms) | SG-HVI step (ms) | CG iterations | ms / M x 1000 |")
     print("|---:|---:|---:|---:|---:|---:|")
     for M, t_ng, t_step, t_sg, it in rows:
         print(f"| {M} | {t_ng:.3f} | {t_step:.3f} | {t_sg:.3f} | {it:.1f} | {t_ng / M * 1000:.3f} |")

@@ -118,7 +118,6 @@ def heldout_lpd(model: str, params: dict, test) -> float:
 
 
 def cavi_params(model: str, cavi) -> dict:
-    import torch
 
     q = cavi.posterior
     if model == "linear":

@@ -24,7 +24,7 @@ import argparse
 import os
 import tempfile
 import time
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 

@@ -7,7 +7,6 @@ computed independently in each test, through Bayes' rule at an arbitrary point:
 log p(y) = log p(y | θ) + log p(θ) - log p(θ | y).
 """
 
-import math
 
 import pytest
 import torch

@@ -471,7 +471,7 @@ def test_mismatched_or_discrete_components_are_named(data):
         MISELBO(estimator="a2a", max_plate_nesting=1).loss(gaussian_model, MixtureGuide([discrete]), data)
 
     def two_latents(x):
-        z = pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
+        pyro.sample("z", dist.Normal(torch.zeros(D), 1.0).to_event(1))
         pyro.sample("extra", dist.Normal(0.0, 1.0))
 
     guide = MixtureGuide([normal_component(torch.zeros(D), torch.ones(D))])

@@ -16,7 +16,7 @@ from pyro.infer import SVI, Predictive
 from pyro.infer.autoguide import AutoDelta, AutoLowRankMultivariateNormal, AutoNormal
 
 from models.mixed import linear_random_intercept, logistic_random_intercept, simulate_linear_random_intercept
-from pyro_cavi.nghvi import GaussianConditional, HybridELBO, HybridGuide, NGHVIOptim, PolyaGammaGibbs, SGHVIOptim
+from pyro_cavi.nghvi import HybridELBO, HybridGuide, NGHVIOptim, PolyaGammaGibbs, SGHVIOptim
 
 
 def _data(num_groups, group_size=10, sigma2_a=1.0, seed=0):

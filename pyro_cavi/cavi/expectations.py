@@ -88,7 +88,7 @@ def _block_second(site, idx_a, idx_b, mu):
     """E[x_a x_bᵀ] for elements in blocks idx_a and idx_b of one Gaussian site."""
     m, M = mu[site]
     if m.shape[0] == 1:
-        return M[0].expand(symbolic.broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
+        return M[0].expand(broadcast_shapes(idx_a.shape, idx_b.shape) + M.shape[-2:])
     if idx_a is idx_b or (idx_a.shape == idx_b.shape and torch.equal(idx_a, idx_b)):  # same elements
         return M[idx_a]
     same = (idx_a == idx_b).unsqueeze(-1).unsqueeze(-1)
@@ -244,12 +244,12 @@ def weighted_second_moment(x, weight, factors, mu, cache: Optional[dict] = None)
     weight = _sum_to_shape(weight, shape)
     if isinstance(e, Bil):
         sq = second_moment(x, factors, mu)
-        return (weight * sq).expand(symbolic.broadcast_shapes(weight.shape, sq.shape)).sum()
+        return (weight * sq).expand(broadcast_shapes(weight.shape, sq.shape)).sum()
     m = mean(x, factors, mu)
     total = (weight * m * m).sum()
     if not isinstance(e, Lin):
         return total
-    full = symbolic.broadcast_shapes(weight.shape, e.shape)
+    full = broadcast_shapes(weight.shape, e.shape)
     reps = full.numel() // max(e.shape.numel(), 1)
     for s, coef, idx, f, mm, M in _lin_terms(e, factors, mu):
         cov = M - mm.unsqueeze(-1) * mm.unsqueeze(-2)
@@ -271,9 +271,10 @@ def weighted_second_moment(x, weight, factors, mu, cache: Optional[dict] = None)
 def _coefficient_shape(e: Lin) -> torch.Size:
     """The shape over which the latent part of ``e`` varies (its coefficients and block indices,
     as stored, before broadcasting against the constant part)."""
-    shapes = [_effective_shape(coef)[:-1] for coef, _ in e.terms.values()]
-    shapes += [_effective_shape(idx) for _, idx in e.terms.values()]
-    small = symbolic.broadcast_shapes(*shapes)
+    # broadcast (stride-0) dimensions count as 1: the shape of the distinct elements
+    shapes = [compact(coef).shape[:-1] for coef, _ in e.terms.values()]
+    shapes += [compact(idx).shape for _, idx in e.terms.values()]
+    small = broadcast_shapes(*shapes)
     return torch.Size((1,) * (len(e.shape) - len(small)) + tuple(small))
 
 
@@ -358,11 +359,6 @@ def _contract(ops, dims, out_dims, full) -> Tensor:
     return torch.einsum(spec, ops[0]) if d0 != list(out_dims) else ops[0]
 
 
-def _effective_shape(t: Tensor) -> torch.Size:
-    """The shape of ``t`` with broadcast (stride-0, expanded) dimensions counted as 1."""
-    return torch.Size(n if st != 0 else 1 for n, st in zip(t.shape, t.stride()))
-
-
 def _shrink(t: Tensor, shape: torch.Size, trailing: int = 0) -> Tensor:
     """View of a broadcast tensor restricted to ``shape`` (+ ``trailing`` dims kept)."""
     lead = t.dim() - trailing - len(shape)
@@ -372,16 +368,6 @@ def _shrink(t: Tensor, shape: torch.Size, trailing: int = 0) -> Tensor:
         if n == 1 and t.shape[d] != 1:
             t = t.narrow(d, 0, 1)
     return t
-
-
-def _sum_over(t: Tensor, full: torch.Size, small: torch.Size) -> Tensor:
-    """Sum ``t`` (broadcast to ``full``) down to ``small`` (right-aligned, sizes 1 or equal)."""
-    t = t.expand(full)
-    lead = len(full) - len(small)
-    dims = list(range(lead)) + [lead + i for i, n in enumerate(small) if n == 1 and full[lead + i] > 1]
-    if dims:
-        t = t.sum(dims, keepdim=True)
-    return t.reshape(small)
 
 
 def _latent_part(e: Lin, small: torch.Size) -> Lin:
@@ -408,7 +394,7 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
     :math:`\sum w (c + \mu)^2 = \sum w c^2 + 2 \sum \bar{(wc)} \mu + \sum \bar w \mu^2`, where the
     bars sum over those dimensions first: O(N K D) instead of O(N K D²) and no gathers."""
     ws = weight if isinstance(weight, tuple) else (weight,)
-    full = symbolic.broadcast_shapes(e.shape, *(w.shape for w in ws))
+    full = broadcast_shapes(e.shape, *(w.shape for w in ws))
     c = e.const.expand(e.shape)
     total = broadcast_sum(ws + (c, c), full)
     small_full = torch.Size((1,) * (len(full) - len(small)) + tuple(small))
@@ -430,7 +416,7 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
 def _sum_to_shape(weight: Tensor, shape: torch.Size) -> Tensor:
     """Sum a weight over the dimensions along which the expression is constant (broadcast):
     e.g. responsibilities over enumerated values that a parameter does not depend on."""
-    full = symbolic.broadcast_shapes(weight.shape, shape)
+    full = broadcast_shapes(weight.shape, shape)
     lead = len(full) - len(shape)
     dims = list(range(lead)) + [lead + i for i, n in enumerate(shape) if n == 1 and full[lead + i] > 1]
     dims = [d for d in dims if d >= len(full) - weight.dim() and weight.shape[d - (len(full) - weight.dim())] > 1]
