@@ -139,6 +139,53 @@ def test_cmn_normal_gamma_expert_updates_match_closed_form():
     assert torch.allclose(qA.mean, torch.linalg.solve(prec, rhs.unsqueeze(-1)).squeeze(-1), rtol=1e-7, atol=1e-10)
 
 
+def test_cmn_gating_and_assignment_updates_match_closed_form():
+    """The stick-breaking gating with Pólya-Gamma augmentation, written out by hand from the
+    other factors' moments (P(z_n >= j) = sum_{k >= j} r_nk, kappa_nj = r_nj - P(z_n >= j)/2):
+    Λ_j = Σ0⁻¹ + Σ_n P(z_n >= j) E[ω_nj] x̃_n x̃_nᵀ,  Λ_j m_j = Σ0⁻¹ m0_j + Σ_n κ_nj x̃_n;
+    log r_nk = Σ_{j <= k, j < K-1} [(1{j = k} − ½) E ψ_nj − ½ E ω_nj E ψ_nj² − log 2]
+             + Σ_h [½ E log γ_kh − ½ log 2π − ½ E γ_kh E(x1_nh − A_kh·x̃_n)²] + const_n."""
+    X, y = cmn.pinwheels(12, seed=3)  # 60 points, 5 classes
+    X = (X - X.mean(0)) / X.std(0)
+    K, scale = 4, 5.0
+    model = lambda X, y: cmn.cmn(X, y, num_experts=K, gate_scale=scale)
+    cavi = CAVI(model, seed=0, init="forgy")
+    fit(cavi, X, y, num_steps=15, tol=0.0)
+    Xt = torch.cat([X, torch.ones(len(X), 1)], -1)  # (N, D+1)
+    r = cavi.posterior["z"].probs  # (N, K)
+    Eomega = cavi.factors["z.omega"].mean_params[0]  # (N, K-1)
+    reach = r.flip(-1).cumsum(-1).flip(-1)[:, : K - 1]  # P(z_n >= j)
+    kappa = r[:, : K - 1] - 0.5 * reach
+    m0 = torch.zeros(K - 1, Xt.shape[1])
+    m0[:, -1] = cmn.stick_uniform_bias(K)
+    with torch.no_grad():
+        cavi._update("gate")
+    qG = cavi.posterior["gate"]
+    prec = torch.eye(Xt.shape[1]) / scale**2 + torch.einsum("nj,nd,ne->jde", reach * Eomega, Xt, Xt)
+    rhs = m0 / scale**2 + torch.einsum("nj,nd->jd", kappa, Xt)
+    assert torch.allclose(qG.precision_matrix, prec, rtol=1e-9)
+    assert torch.allclose(qG.mean, torch.linalg.solve(prec, rhs.unsqueeze(-1)).squeeze(-1), rtol=1e-8, atol=1e-10)
+    with torch.no_grad():
+        cavi._update("z")
+    Epsi = Xt @ qG.mean.T  # (N, K-1)
+    EGG = qG.covariance_matrix + qG.mean.unsqueeze(-1) * qG.mean.unsqueeze(-2)
+    Epsi2 = torch.einsum("nd,jde,ne->nj", Xt, EGG, Xt)
+    stick = -0.5 * Eomega * Epsi2 - torch.log(torch.tensor(2.0))  # (N, K-1), common part
+    gate_term = torch.zeros(len(X), K)
+    for k in range(K):
+        for j in range(min(k + 1, K - 1)):
+            gate_term[:, k] += stick[:, j] + ((1.0 if j == k else 0.0) - 0.5) * Epsi[:, j]
+    qx, qA, qg = cavi.posterior["x1"], cavi.posterior["A"], cavi.posterior["prec"]
+    m1, Ex1sq = qx.mean, qx.mean**2 + torch.diagonal(qx.covariance_matrix, dim1=-2, dim2=-1)
+    EAA = qA.covariance_matrix + qA.mean.unsqueeze(-1) * qA.mean.unsqueeze(-2)
+    resid = (Ex1sq.unsqueeze(1) - 2 * torch.einsum("nh,khd,nd->nkh", m1, qA.mean, Xt)
+             + torch.einsum("nd,khde,ne->nkh", Xt, EAA, Xt))
+    Elog_g = torch.digamma(qg.concentration) - torch.log(qg.rate)
+    expert_term = (0.5 * Elog_g - 0.5 * torch.log(torch.tensor(2 * torch.pi)) - 0.5 * qg.mean * resid).sum(-1)
+    expected = torch.softmax(gate_term + expert_term, -1)
+    assert torch.allclose(cavi.posterior["z"].probs, expected, rtol=1e-7, atol=1e-12)
+
+
 def test_stick_bound_is_exact_without_variance_and_below_the_expected_log_prob():
     """The Pólya-Gamma bound per category: exact when the logits have no variance (c = |φ|),
     and with variance a lower bound on E[log p(k)] (checked by Monte Carlo)."""

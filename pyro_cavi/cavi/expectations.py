@@ -239,9 +239,10 @@ def weighted_second_moment(x, weight, factors, mu, cache: Optional[dict] = None)
         small = _coefficient_shape(e)
         if small.numel() * 2 <= e.shape.numel():
             return _reduced_second_moment(e, small, weight, factors, mu, cache)
-    if isinstance(weight, tuple):
-        weight = math.prod(weight[1:], start=weight[0])
-    weight = _sum_to_shape(weight, shape)
+    if isinstance(weight, tuple):  # summed down to x's shape as one einsum, never multiplied out
+        weight = _sum_product_to_shape(weight, shape)
+    else:
+        weight = _sum_to_shape(weight, shape)
     if isinstance(e, Bil):
         sq = second_moment(x, factors, mu)
         return (weight * sq).expand(broadcast_shapes(weight.shape, sq.shape)).sum()
@@ -411,6 +412,13 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
         else:
             total = total + _blocked_quadratic(coef, idx, small, small, w_small, cov, cache)
     return total
+
+
+def _sum_product_to_shape(weights: Tuple[Tensor, ...], shape: torch.Size) -> Tensor:
+    """The product of ``weights`` summed to ``shape`` as :func:`_sum_to_shape` sums one weight,
+    by :func:`broadcast_sum`: for stick-breaking responsibilities (K, N, 1), stick masks
+    (K, 1, K − 1) and Pólya-Gamma means (N, K − 1), O(N K) work and memory, not O(N K²)."""
+    return broadcast_sum(weights, broadcast_shapes(shape, *(w.shape for w in weights)), shape)
 
 
 def _sum_to_shape(weight: Tensor, shape: torch.Size) -> Tensor:

@@ -206,13 +206,20 @@ def _logistic(fn, v, E: Expect):
 
 
 def _logistic_summed(fn, v, E: Expect, weight):
+    """``sum_n weight_n E[log p(v_n | psi_n, omega_n)]`` of the Pólya-Gamma augmented density,
+    with every product of broadcast pieces contracted by einsum: for a latent stick-breaking
+    site enumerated over its K values, the masks (K, K − 1), responsibilities (K, N) and
+    per-datum stick terms (N, K − 1) are never multiplied out to (K, N, K − 1)."""
     psi = fn.logits
     const, kappa, b, q = _logistic_pieces(fn, v, E)
     if isinstance(fn, StickBreakingCategorical):
         weight = weight.unsqueeze(-1)
-    linear = weight * (const - b * math.log(2.0) + kappa * E.mean(psi, "logits"))
-    shape = ex.broadcast_shapes(linear.shape, psi.shape)
-    return linear.expand(shape).sum() - 0.5 * E.wsq(psi, weight * q * E.omega(), "logits")
+    as_t = lambda t: torch.as_tensor(t, dtype=weight.dtype, device=weight.device)  # noqa: E731
+    mean = E.mean(psi, "logits")
+    full = ex.broadcast_shapes(weight.shape, psi.shape, *(as_t(t).shape for t in (const, kappa, b, q)))
+    linear = ex.broadcast_sum((weight, as_t(kappa), mean), full)
+    linear = linear + ex.broadcast_sum((weight, as_t(const) - as_t(b) * math.log(2.0)), full)
+    return linear - 0.5 * E.wsq(psi, (weight, as_t(q), E.omega()), "logits")
 
 
 def _bernoulli(fn, v, E: Expect):
