@@ -784,52 +784,45 @@ class CAVI:
         unknown = [n for n in names if n not in self.latents]
         if unknown:
             raise ValueError(f"sample_posterior: {unknown[0]!r} is not a latent site (sites: {sorted(self.latents)})")
-        out, joint = {}, {}
-        for name in names:
-            group = self._group_of.get(name)
-            if group is None:
-                out[name] = self.factors[name].distribution().sample((num_samples,))
-                continue
-            if group not in joint:
-                f = self.factors[group]
-                if group in self._normal_gamma:
-                    w, tau = (self.latents[n] for n in self._normal_gamma[group])
-                    joint[group] = normal_gamma.sample(f, w, tau, num_samples)
-                else:
-                    v = dist.MultivariateNormal(f.loc[0], scale_tril=f.scale_tril[0]).sample((num_samples,))
-                    joint[group] = {m: v[:, o:o + k].reshape((num_samples,) + self.latents[m].shape)
-                                    for m, o, k in self._group_layout(group)}
-            out[name] = joint[group][name]
-        return out
+        return self._draw(names, lambda site, d, given: d.sample() if given else d.sample((num_samples,)),
+                          lambda site, value: value)
 
     def guide(self, *args, **kwargs) -> Dict[str, Tensor]:
         """A Pyro guide drawing every latent site from its fitted factor (for ``Predictive``)."""
         if not self.factors:
             raise RuntimeError("CAVI.guide: call step() or run() before using the guide")
         # each site keeps its batch (plate) dimensions, so the guide also runs inside a
-        # vectorising plate of draws (``Predictive(..., parallel=True)``)
-        out, joint_draws = {}, {}
-        for name in self.latents:
+        # vectorising plate of draws (``Predictive(..., parallel=True)``); a structured factor is
+        # drawn once as auxiliary sites, its members are Delta sites at their part of the draw
+        def sample(site, d, given):
+            return pyro.sample(site, d, infer={} if site in self.latents else {"is_auxiliary": True})
+
+        def member(site, value):
+            return pyro.sample(site, dist.Delta(value, event_dim=len(self.latents[site].shape)))
+
+        return self._draw(list(self.latents), sample, member)
+
+    def _draw(self, names: Sequence[str], sample, member) -> Dict[str, Tensor]:
+        """One draw of each site in ``names``, jointly within structured factors (a joint
+        Gaussian group, a Normal-Gamma pair), each factor drawn once: ``sample(site,
+        distribution, given)`` draws (``given``: conditional on an earlier draw of the same
+        factor), ``member(site, value)`` turns a structured draw's part into the site's value."""
+        out, joint = {}, {}
+        for name in names:
             group = self._group_of.get(name)
             if group is None:
-                out[name] = pyro.sample(name, self.factors[name].distribution())
+                out[name] = sample(name, self.factors[name].distribution(), False)
                 continue
-            if group in self._normal_gamma:
-                w, tau = (self.latents[n] for n in self._normal_gamma[group])
-                if group not in joint_draws:
-                    joint_draws[group] = normal_gamma.guide_draws(group, self.factors[group], w, tau)
-                value = joint_draws[group][name]
-                site_shape = self.latents[name].shape
-                out[name] = pyro.sample(name, dist.Delta(value, event_dim=len(site_shape)))
-                continue
-            if group not in joint_draws:
+            if group not in joint:
                 f = self.factors[group]
-                q = dist.MultivariateNormal(f.loc[0], scale_tril=f.scale_tril[0])
-                joint_draws[group] = pyro.sample(f"_joint_{group}", q, infer={"is_auxiliary": True})
-            _, offset, k = next(m for m in self._group_layout(group) if m[0] == name)
-            v = joint_draws[group][..., offset:offset + k]
-            site_shape = self.latents[name].shape
-            out[name] = pyro.sample(name, dist.Delta(v.reshape(v.shape[:-1] + site_shape), event_dim=len(site_shape)))
+                if group in self._normal_gamma:
+                    w, tau = (self.latents[n] for n in self._normal_gamma[group])
+                    joint[group] = normal_gamma.draw(f, w, tau, lambda part, d, given: sample(f"_joint_{group}.{part}", d, given))
+                else:
+                    v = sample(f"_joint_{group}", dist.MultivariateNormal(f.loc[0], scale_tril=f.scale_tril[0]), False)
+                    joint[group] = {m: v[..., o:o + k].reshape(v.shape[:-1] + self.latents[m].shape)
+                                    for m, o, k in self._group_layout(group)}
+            out[name] = member(name, joint[group][name])
         return out
 
     def summary(self) -> str:

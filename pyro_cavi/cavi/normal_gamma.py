@@ -101,25 +101,16 @@ def check_term(term, group: str, w: str, tau: str) -> None:
         )
 
 
-def guide_draws(group: str, f: NormalGammaFactor, w: LatentSite, tau: LatentSite) -> Dict[str, Tensor]:
-    """A joint draw for a guide: ``tau`` from its Gamma, then ``w | tau``, as auxiliary Pyro
-    sites (so vectorised ``Predictive`` draws stay joint)."""
-    import pyro
-
-    t = pyro.sample(f"_joint_{group}.tau", dist.Gamma(f.concentration, f.rate).to_event(1), infer={"is_auxiliary": True})
+def draw(f: NormalGammaFactor, w: LatentSite, tau: LatentSite, sample) -> Dict[str, Tensor]:
+    """A joint draw, ``tau`` from its Gamma, then ``w | tau``, through ``sample(part, distribution,
+    given)`` (``part`` is ``"tau"`` or ``"w"``; ``given`` marks the draw conditional on ``tau``'s,
+    which already carries the leading sample dimensions): Pyro sites for a guide, plain draws
+    for :meth:`CAVI.sample_posterior`."""
+    t = sample("tau", dist.Gamma(f.concentration, f.rate).to_event(1), False)
     tril = f.scale_tril * t.rsqrt()[..., None, None]
-    v = pyro.sample(f"_joint_{group}.w", dist.MultivariateNormal(f.loc, scale_tril=tril).to_event(1),
-                    infer={"is_auxiliary": True})
+    v = sample("w", dist.MultivariateNormal(f.loc, scale_tril=tril).to_event(1), True)
     lead = t.shape[:-1]
     return {w.name: v.reshape(lead + w.shape), tau.name: t.reshape(lead + tau.shape)}
-
-
-def sample(f: NormalGammaFactor, w: LatentSite, tau: LatentSite, num_samples: int) -> Dict[str, Tensor]:
-    """``num_samples`` joint draws: ``tau`` from its Gamma, then ``w | tau``."""
-    t = dist.Gamma(f.concentration, f.rate).sample((num_samples,))  # (S, blocks)
-    eps = torch.randn((num_samples,) + f.loc.shape, dtype=f.loc.dtype, device=f.loc.device)
-    v = f.loc + (f.scale_tril @ eps.unsqueeze(-1)).squeeze(-1) * t.rsqrt().unsqueeze(-1)
-    return {w.name: v.reshape((num_samples,) + w.shape), tau.name: t.reshape((num_samples,) + tau.shape)}
 
 
 def marginal(f: NormalGammaFactor, site: LatentSite, w: LatentSite, tau: LatentSite):
