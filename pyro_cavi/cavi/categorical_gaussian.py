@@ -14,8 +14,13 @@ and mean parameters :math:`\mu_{0k} = r_k`, :math:`\mu_{1k} = r_k m_k`,
 enumerated along ``z``'s dimension (``x``'s stand-in carries one copy per category, so every
 term that involves ``x`` is weighted by :math:`r_k`): the expected log joint is
 :math:`\sum_k r_k f_k(E[x \mid k], E[x x^\top \mid k]) + \dots` with :math:`f_k` affine in the
-conditional moments, i.e. linear in :math:`(\mu_0, \mu_1, \mu_2)`; terms without ``x`` see ``x``'s
-mixture moments through the same sum (exact, since they are linear in ``x``'s moments).
+conditional moments, i.e. linear in :math:`(\mu_0, \mu_1, \mu_2)`. Terms that involve ``x`` but
+not ``z`` (an output layer on ``x``) are evaluated once, with ``x``'s mixture moments
+:math:`E[x] = \sum_k \mu_{1k}`, :math:`E[x x^\top] = \sum_k \mu_{2k}` (equal to the sum over
+``k``, since they are linear in ``x``'s moments, at a K-th of the cost): the model is traced
+twice (:meth:`CAVI._trace`), once with ``x`` enumerated along ``z`` (site key ``"x|z"``, see
+:func:`conditional_key`) and once with ``x`` as an ordinary Gaussian site, and each term is
+taken from the second trace unless it depends on ``z`` there.
 
 Natural parameters. Since :math:`r_k f_k(m_k, M_k) = a_k \mu_{0k} + b_k^\top\mu_{1k} + C_k : \mu_{2k}`
 with :math:`f_k = a_k + b_k^\top m + C_k : M`, the gradient with respect to :math:`(\mu_0, \mu_1, \mu_2)`
@@ -155,6 +160,11 @@ class ProbsView:
         self.f.set(probs.reshape(self.f.probs.shape).to(self.f.probs.dtype), self.f.loc, self.f.scale_tril)
 
 
+def conditional_key(z: str, x: str) -> str:
+    """The name under which the enumerated ``x`` (one block per (block, category)) enters expressions."""
+    return f"{x}|{z}"
+
+
 def members(group: Tuple[str, ...], latents: Dict[str, LatentSite]) -> Optional[Tuple[str, str]]:
     """``(z, x)`` if the group is one discrete site and one other site, else None. Raises a
     ``ValueError`` naming the sites when the other site is not Gaussian or the shapes do not pair
@@ -192,23 +202,28 @@ def make_factor(group: str, z: LatentSite, x: LatentSite, dtype, device) -> Cate
 
 
 def views(z: LatentSite, x: LatentSite, dtype, device) -> Dict[str, ExpFamilyFactor]:
-    """Factor objects describing the members' layout to the expectation code: ``x`` as a
-    Gaussian site with one block per (block of ``x``, category), block ``b * K + k``."""
+    """Factor objects describing the members' layout to the expectation code: the enumerated ``x``
+    as a Gaussian site with one block per (block of ``x``, category), block ``b * K + k``, and ``x``
+    itself (mixture moments) with its own blocks."""
     k = z.support.shape[0]
     event = x.shape[len(x.shape) - x.event_dim:]
+    key = conditional_key(z.name, x.name)
     return {
         z.name: CategoricalFactor(z.name, z.shape, 0, dtype, device, support=z.support,
                                   bernoulli=z.support.is_floating_point()),
-        x.name: GaussianFactor(x.name, z.shape + (k,) + event, x.event_dim, dtype, device),
+        key: GaussianFactor(key, z.shape + (k,) + event, x.event_dim, dtype, device),
+        x.name: GaussianFactor(x.name, x.shape, x.event_dim, dtype, device),
     }
 
 
 def add_member_moments(mu: dict, group: str, z: LatentSite, x: LatentSite) -> None:
-    """``z``'s responsibilities and ``x``'s conditional moments, one block per (block, category)."""
+    """``z``'s responsibilities, ``x``'s conditional moments (one block per (block, category)) and
+    its mixture moments, all differentiable functions of the factor's ``mean_params``."""
     r, m, M = mu[group]
     d = m.shape[-1]
     mu[z.name] = (r.reshape(z.shape + r.shape[-1:]),)
-    mu[x.name] = (m.reshape(-1, d), M.reshape(-1, d, d))
+    mu[conditional_key(z.name, x.name)] = (m.reshape(-1, d), M.reshape(-1, d, d))
+    mu[x.name] = ((r.unsqueeze(-1) * m).sum(-2), (r[..., None, None] * M).sum(-3))
 
 
 def _enumerated_shape(z: LatentSite, x: LatentSite) -> Tuple[torch.Size, torch.Size]:
@@ -233,9 +248,25 @@ def stand_in(f: CategoricalGaussianFactor, z: LatentSite, x: LatentSite, dtype, 
     idx = (torch.arange(nb, device=device).reshape(1, nb) * k + torch.arange(k, device=device).reshape(k, 1))
     idx = idx.reshape(idx_shape)
     coef = torch.eye(d, dtype=dtype, device=device).reshape(event + (d,))
-    expr = Lin(torch.zeros((), dtype=dtype, device=device), {x.name: (coef, idx)}, shape)
+    expr = Lin(torch.zeros((), dtype=dtype, device=device), {conditional_key(z.name, x.name): (coef, idx)}, shape)
     value = f.loc.detach().reshape(nb, k, d).transpose(0, 1).reshape(shape).clone()
     return Sym(value, expr)
+
+
+def mixture_stand_in(f: CategoricalGaussianFactor, x: LatentSite, dtype, device) -> Sym:
+    """``x``'s stand-in as an ordinary Gaussian site (its expressions read the mixture moments)."""
+    from .symbolic import identity_lin
+
+    value = (f.probs.unsqueeze(-1) * f.loc).sum(-2).detach().reshape(x.shape).clone()
+    return Sym(value, identity_lin(x.name, x.shape, x.event_dim, False, dtype, device))
+
+
+def depends_on(term, z: LatentSite) -> bool:
+    """Whether a traced term has ``z``'s enumeration dimension (in its parameters or value)."""
+    value = term.value
+    value_batch = value.shape[: value.dim() - term.fn.event_dim] if isinstance(value, torch.Tensor) else ()
+    batch = torch.broadcast_shapes(term.fn.batch_shape, value_batch)
+    return len(batch) >= -z.enum_dim and batch[z.enum_dim] > 1
 
 
 def check_prior(terms, group: str, z: LatentSite, x: LatentSite) -> None:

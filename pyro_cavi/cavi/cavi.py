@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import pyro
 import pyro.distributions as dist
 
-from .errors import _Densify
+from .errors import NonConjugateError, _Densify
 from .factors import (
     PolyaGammaFactor,
     ReshapedMultivariateNormal,
@@ -210,11 +210,19 @@ class CAVI:
         self._build_factors(old)
         while True:
             try:
-                self.terms = symbolic_trace(self.model, args, kwargs, self._stand_ins())
+                self.terms = self._trace(args, kwargs)
                 self._augment()
                 self._analyse_terms()
                 break
             except _Densify as e:
+                grouped = [g for g, (z, x) in self._structured.items()
+                           if e.site in (x, categorical_gaussian.conditional_key(z, x))]
+                if grouped:
+                    raise NonConjugateError(
+                        f"a term of the model couples different blocks of {e.site.split('|')[0]!r} (e.g. sums it over "
+                        f"a plate); the joint discrete-Gaussian factor {grouped[0]!r} needs every term to read one "
+                        "block of it per element"
+                    ) from None
                 if e.site in self._dense:
                     raise
                 self._dense.add(e.site)
@@ -229,6 +237,21 @@ class CAVI:
         self._key = key
         if not old:
             self._initialised = False
+
+    def _trace(self, args, kwargs) -> List[Term]:
+        """The model's terms, traced with the current stand-ins. With joint discrete-Gaussian
+        factors the model is traced twice: with each Gaussian member enumerated along its discrete
+        site, and as an ordinary site; a term is taken from the second trace unless it depends on
+        the discrete site there (:mod:`.categorical_gaussian`)."""
+        terms = symbolic_trace(self.model, args, kwargs, self._stand_ins())
+        if not self._structured:
+            return terms
+        mixed = symbolic_trace(self.model, args, kwargs, self._stand_ins(mixture=True))
+        if [t.name for t in mixed] != [t.name for t in terms]:
+            raise NonConjugateError("the model's sample sites changed between two traces; CAVI needs a fixed structure")
+        discrete = [self.latents[z] for z, _ in self._structured.values()]
+        return [m if not any(categorical_gaussian.depends_on(m, z) for z in discrete) else t
+                for t, m in zip(terms, mixed)]
 
     def _check_groups(self) -> None:
         for name, group in self._group_of.items():
@@ -300,7 +323,9 @@ class CAVI:
             return CategoricalFactor(*args, support=site.support, bernoulli=site.support.is_floating_point())
         return _POSITIVE_FACTORS[site.family](*args)
 
-    def _stand_ins(self) -> Dict[str, Tensor]:
+    def _stand_ins(self, mixture: bool = False) -> Dict[str, Tensor]:
+        """Symbolic stand-ins of the latent sites; ``mixture``: the Gaussian members of joint
+        discrete-Gaussian factors as ordinary sites rather than enumerated along their discrete site."""
         values = {}
         for group, (w, tau) in self._normal_gamma.items():
             vw, vt = normal_gamma.stand_ins(self.factors[group], self.latents[w], self.latents[tau])
@@ -311,7 +336,10 @@ class CAVI:
             sz, sx = self.latents[z], self.latents[x]
             k = sz.support.shape[0]
             values[z] = sz.support.reshape((k,) + (1,) * (-sz.enum_dim - 1))
-            values[x] = categorical_gaussian.stand_in(self.factors[group], sz, sx, self.dtype, self.device)
+            if mixture:
+                values[x] = categorical_gaussian.mixture_stand_in(self.factors[group], sx, self.dtype, self.device)
+            else:
+                values[x] = categorical_gaussian.stand_in(self.factors[group], sz, sx, self.dtype, self.device)
         for name, site in self.latents.items():
             group = self._group_of.get(name)
             if group in self._normal_gamma or group in self._structured:
@@ -384,7 +412,7 @@ class CAVI:
                     if member in used or term.name == member:
                         term.latent.add(group)
             for group, (z, x) in self._structured.items():
-                if x in used or z in term.discrete or term.name in (z, x):
+                if x in used or categorical_gaussian.conditional_key(z, x) in used or z in term.discrete or term.name in (z, x):
                     term.latent.add(group)
             term.uses = {s: f"{p} of {term.name!r} ({type(unwrap(term.fn)[0]).__name__})" for s, p in used.items()}
         for group, (z, x) in self._structured.items():
