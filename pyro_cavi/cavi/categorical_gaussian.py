@@ -276,7 +276,7 @@ def check_prior(terms, group: str, z: LatentSite, x: LatentSite) -> None:
     batch = term.fn.batch_shape
     if len(batch) < -z.enum_dim or batch[z.enum_dim] == 1:
         raise ValueError(
-            f"joint: in the discrete-Gaussian pair {group!r}, the prior of {x!r} does not depend on {z.name!r}; "
+            f"joint: in the discrete-Gaussian pair {group!r}, the prior of {x.name!r} does not depend on {z.name!r}; "
             f"the pair needs {x.name!r} ~ Normal(loc[{z.name}], scale[{z.name}]) (a discrete site indexing the "
             "Gaussian's parameters), or leave the pair out of joint="
         )
@@ -304,8 +304,8 @@ def marginal(f: CategoricalGaussianFactor, site: LatentSite, z: LatentSite, x: L
 def _conditional(f, z, x, zv: Tensor):
     """Location and scale factor of :math:`q(x \\mid z = zv)`, broadcast over ``zv``'s leading dims."""
     probs, loc, tril = _components(f, z, x)
-    loc = torch.take_along_dim(loc, zv[..., None, None], dim=-2).squeeze(-2)
-    tril = torch.take_along_dim(tril, zv[..., None, None, None], dim=-3).squeeze(-3)
+    loc = torch.take_along_dim(loc.expand(zv.shape + loc.shape[-2:]), zv[..., None, None], dim=-2).squeeze(-2)
+    tril = torch.take_along_dim(tril.expand(zv.shape + tril.shape[-3:]), zv[..., None, None, None], dim=-3).squeeze(-3)
     return loc, tril
 
 
