@@ -273,3 +273,27 @@ def test_errors_name_the_sites():
 
     with pytest.raises(NonConjugateError, match=r"couples different blocks of 'x'.*'z\+x'"):
         CAVI(coupled, joint=[("z", "x")]).step(y)
+
+
+def test_factor_natural_parameters_round_trip():
+    """``update(natural())`` reproduces the factor: the log-partition in the responsibilities and
+    the Gaussian part agree (float64; blocks of size 1 and 3)."""
+    from pyro_cavi.cavi.categorical_gaussian import CategoricalGaussianFactor
+
+    g = torch.Generator().manual_seed(0)
+    for d in (1, 3):
+        f = CategoricalGaussianFactor("z+x", 5, 4, d, D64, "cpu")
+        probs = torch.softmax(torch.randn(5, 4, generator=g, dtype=D64), -1)
+        A = torch.randn(5, 4, d, d, generator=g, dtype=D64)
+        tril = torch.linalg.cholesky(A @ A.mT + 0.5 * torch.eye(d, dtype=D64))
+        f.set(probs, torch.randn(5, 4, d, generator=g, dtype=D64), tril)
+        probs, loc, cov = f.probs.clone(), f.loc.clone(), f.scale_tril @ f.scale_tril.mT
+        h = f.entropy()
+        f.update(f.natural())
+        assert torch.allclose(f.probs, probs, atol=1e-12)
+        assert torch.allclose(f.loc, loc, atol=1e-10)
+        assert torch.allclose(f.scale_tril @ f.scale_tril.mT, cov, atol=1e-10)
+        # entropy: H[r] + sum_k r_k H[N(m_k, S_k)]
+        ref = dist.Categorical(probs=probs).entropy().sum() + (
+            probs * dist.MultivariateNormal(loc, cov).entropy()).sum()
+        assert float(h) == pytest.approx(float(ref), rel=1e-12)
