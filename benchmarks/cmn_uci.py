@@ -315,7 +315,7 @@ def report(path: pathlib.Path = RUNS) -> str:
                 d = {k: _mean(recs, k) - _mean(b, k) for k in ("acc", "lpd", "ece")}
                 higher = sum(r["elbo"] > q["elbo"] for r, q in zip(recs, b))
                 conv = sum(r["converged"] for r in recs)
-                out.append(f"| {name} | {v[len('CAVI-CMN ('):-1]} | {','.join(str(r['seed']) for r in recs)} | "
+                out.append(f"| {name} | {v[len('CAVI-CMN '):]} | {','.join(str(r['seed']) for r in recs)} | "
                            f"{_mean(recs, 'acc'):.3f} | {d['acc']:+.3f} | {_mean(recs, 'lpd'):.3f} | {d['lpd']:+.3f} | "
                            f"{_mean(recs, 'ece'):.3f} | {d['ece']:+.3f} | {_mean(recs, 'sweeps'):.0f} ({conv}/{len(recs)}) | "
                            f"{_mean(recs, 'cpu_per_200'):.1f} | {_mean(b, 'cpu_per_200'):.1f} | {_mean(recs, 'elbo'):.1f} | "
