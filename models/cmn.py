@@ -108,16 +108,19 @@ def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden
 
 
 def fit_cavi(X, y, num_experts: int = 20, num_steps: int = 200, tol: float = 1e-6, seed: int = 0,
-             joint_experts: bool = False, num_restarts: int = 1, **kwargs):
+             joint_experts: bool = False, structured_hidden: bool = False, num_restarts: int = 1, **kwargs):
     """Fit a CMN by CAVI; returns the engine (its ``posterior`` holds every factor).
 
     ``joint_experts=True`` fits each expert row and its precision with one Normal-Gamma factor
     (``CAVI(..., joint=[("A", "prec")])``), as the authors' matrix-normal-gamma posterior does;
-    the default is mean-field q(A) q(γ). ``num_restarts > 1`` sweeps that many initialisations
-    together (vectorised) and keeps the best ELBO; ``cavi.restart_fits()`` gives all of them."""
+    the default is mean-field q(A) q(γ). ``structured_hidden=True`` fits each datum's expert
+    assignment and hidden vector with one factor q(z_n) q(x1_n | z_n), a Gaussian per expert
+    (``joint=[("z", "x1")]``), as the authors do; the default is mean-field q(z_n) q(x1_n).
+    ``num_restarts > 1`` sweeps that many initialisations together (vectorised) and keeps the
+    best ELBO; ``cavi.restart_fits()`` gives all of them."""
     # experts start from random data points (Forgy); k-means++ seeding over-fits the experts'
     # precisions to single points before the hidden layer has settled
-    joint = [("A", "prec")] if joint_experts else ()
+    joint = ([("A", "prec")] if joint_experts else []) + ([("z", "x1")] if structured_hidden else [])
     cavi = CAVI(lambda X, y: cmn(X, y, num_experts=num_experts, **kwargs), seed=seed, init="forgy", joint=joint,
                 num_restarts=num_restarts)
     cavi.run(X, y, num_steps=num_steps, tol=tol, progress=False)

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 import pyro
 import pyro.distributions as dist
 
-from .errors import _Densify
+from .errors import NonConjugateError, _Densify
 from .factors import (
     PolyaGammaFactor,
     ReshapedMultivariateNormal,
@@ -50,7 +50,7 @@ from .factors import (
     InverseGammaFactor,
 )
 from ..distributions.stick_breaking import StickBreakingCategorical
-from . import normal_gamma
+from . import categorical_gaussian, normal_gamma
 from .rules import expected_log_prob, has_latent_logits, pg_name, unwrap
 from .symbolic import Lin, Sym, identity_lin, identity_pos, memoize
 from .restarts import RestartBatch, run_batched
@@ -108,7 +108,9 @@ class CAVI:
         (exact for jointly Gaussian posteriors, far fewer sweeps when the sites are correlated a
         posteriori); or a Gaussian site and a Gamma site that scales its precision,
         ``joint=[("w", "tau")]``, with one Normal-Gamma factor per block
-        (:mod:`.normal_gamma`).
+        (:mod:`.normal_gamma`); or a discrete site and a Gaussian site whose prior it indexes,
+        ``joint=[("z", "x")]``, with one factor :math:`q(z)\,q(x \mid z)` (a Gaussian per
+        category) per block (:mod:`.categorical_gaussian`).
 
     Example::
 
@@ -158,7 +160,8 @@ class CAVI:
         self.num_restarts = num_restarts
         self.factors: Dict[str, ExpFamilyFactor] = {}
         self._normal_gamma: Dict[str, tuple] = {}  # group -> (w, tau) of joint Normal-Gamma factors
-        self._views: Dict[str, ExpFamilyFactor] = {}  # layout of the members of Normal-Gamma factors
+        self._structured: Dict[str, tuple] = {}  # group -> (z, x) of joint discrete-Gaussian factors
+        self._views: Dict[str, ExpFamilyFactor] = {}  # layout of the members of joint factors
         self.latents: Dict[str, LatentSite] = {}
         self.terms: List[Term] = []
         self.elbo_trace: List[float] = []
@@ -207,26 +210,59 @@ class CAVI:
         self._build_factors(old)
         while True:
             try:
-                self.terms = symbolic_trace(self.model, args, kwargs, self._stand_ins())
+                self.terms = self._trace(args, kwargs)
                 self._augment()
                 self._analyse_terms()
                 break
             except _Densify as e:
+                grouped = [g for g, (z, x) in self._structured.items()
+                           if e.site in (x, categorical_gaussian.conditional_key(z, x))]
+                if grouped:
+                    raise NonConjugateError(
+                        f"a term of the model couples different blocks of {e.site.split('|')[0]!r} (e.g. sums it over "
+                        f"a plate); the joint discrete-Gaussian factor {grouped[0]!r} needs every term to read one "
+                        "block of it per element"
+                    ) from None
                 if e.site in self._dense:
                     raise
                 self._dense.add(e.site)
                 self.factors[e.site] = self._make_factor(self.latents[e.site], None)
+        if self._structured and (self.stochastic or self.shard_plate is not None):
+            raise NotImplementedError(
+                f"joint discrete-Gaussian factors {sorted(self._structured)} are not supported with "
+                + ("a subsampled plate (stochastic CAVI)" if self.stochastic else "shard_plate")
+                + "; fit without subsampling, or leave the pair out of joint="
+            )
         remember_structure(self, subsampled)
         self._key = key
         if not old:
             self._initialised = False
 
+    def _trace(self, args, kwargs) -> List[Term]:
+        """The model's terms, traced with the current stand-ins. With joint discrete-Gaussian
+        factors the model is traced twice: with each Gaussian member enumerated along its discrete
+        site, and as an ordinary site; a term is taken from the second trace unless it depends on
+        the discrete site there (:mod:`.categorical_gaussian`)."""
+        terms = symbolic_trace(self.model, args, kwargs, self._stand_ins())
+        if not self._structured:
+            return terms
+        mixed = symbolic_trace(self.model, args, kwargs, self._stand_ins(mixture=True))
+        if [t.name for t in mixed] != [t.name for t in terms]:
+            raise NonConjugateError("the model's sample sites changed between two traces; CAVI needs a fixed structure")
+        discrete = [self.latents[z] for z, _ in self._structured.values()]
+        return [m if not any(categorical_gaussian.depends_on(m, z) for z in discrete) else t
+                for t, m in zip(terms, mixed)]
+
     def _check_groups(self) -> None:
         for name, group in self._group_of.items():
             if name not in self.latents:
                 raise ValueError(f"joint: {name!r} is not a latent site of the model (sites: {sorted(self.latents)})")
-        self._normal_gamma = {}
+        self._normal_gamma, self._structured = {}, {}
         for g in self.joint:
+            pair = categorical_gaussian.members(g, self.latents)
+            if pair is not None:
+                self._structured["+".join(g)] = pair
+                continue
             pair = normal_gamma.members(g, self.latents)
             if pair is not None:
                 self._normal_gamma["+".join(g)] = pair
@@ -236,7 +272,8 @@ class CAVI:
                 if site.family != "Gaussian":
                     raise ValueError(
                         f"joint: site {name!r} has a {site.family} factor; a joint group is Gaussian sites only, "
-                        "or one Gaussian site and one Gamma site (Normal-Gamma)"
+                        "one Gaussian site and one Gamma site (Normal-Gamma), or one discrete site and one "
+                        "Gaussian site"
                     )
 
     def _group_layout(self, group: str):
@@ -257,6 +294,12 @@ class CAVI:
             if group is None:
                 # local factors belong to the previous minibatch's data: start them afresh
                 self.factors[name] = self._make_factor(site, None if site.local else old.get(name))
+            elif group in self._structured and group not in self.factors:
+                z, x = (self.latents[n] for n in self._structured[group])
+                prev = old.get(group)
+                fresh = categorical_gaussian.make_factor(group, z, x, self.dtype, self.device)
+                self.factors[group] = prev if prev is not None and prev.shape == fresh.shape else fresh
+                self._views.update(categorical_gaussian.views(z, x, self.dtype, self.device))
             elif group in self._normal_gamma and group not in self.factors:
                 w, tau = (self.latents[n] for n in self._normal_gamma[group])
                 prev = old.get(group)
@@ -280,16 +323,26 @@ class CAVI:
             return CategoricalFactor(*args, support=site.support, bernoulli=site.support.is_floating_point())
         return _POSITIVE_FACTORS[site.family](*args)
 
-    def _stand_ins(self) -> Dict[str, Tensor]:
+    def _stand_ins(self, mixture: bool = False) -> Dict[str, Tensor]:
+        """Symbolic stand-ins of the latent sites; ``mixture``: the Gaussian members of joint
+        discrete-Gaussian factors as ordinary sites rather than enumerated along their discrete site."""
         values = {}
         for group, (w, tau) in self._normal_gamma.items():
             vw, vt = normal_gamma.stand_ins(self.factors[group], self.latents[w], self.latents[tau])
             sw, st = self.latents[w], self.latents[tau]
             values[w] = Sym(vw, identity_lin(w, sw.shape, sw.event_dim, False, self.dtype, self.device))
             values[tau] = Sym(vt, identity_pos(tau, st.shape, False, self.dtype, self.device))
+        for group, (z, x) in self._structured.items():
+            sz, sx = self.latents[z], self.latents[x]
+            k = sz.support.shape[0]
+            values[z] = sz.support.reshape((k,) + (1,) * (-sz.enum_dim - 1))
+            if mixture:
+                values[x] = categorical_gaussian.mixture_stand_in(self.factors[group], sx, self.dtype, self.device)
+            else:
+                values[x] = categorical_gaussian.stand_in(self.factors[group], sz, sx, self.dtype, self.device)
         for name, site in self.latents.items():
             group = self._group_of.get(name)
-            if group in self._normal_gamma:
+            if group in self._normal_gamma or group in self._structured:
                 continue
             if group is not None:
                 f = self.factors[group]
@@ -358,7 +411,12 @@ class CAVI:
                 for member in (w, tau):
                     if member in used or term.name == member:
                         term.latent.add(group)
+            for group, (z, x) in self._structured.items():
+                if x in used or categorical_gaussian.conditional_key(z, x) in used or z in term.discrete or term.name in (z, x):
+                    term.latent.add(group)
             term.uses = {s: f"{p} of {term.name!r} ({type(unwrap(term.fn)[0]).__name__})" for s, p in used.items()}
+        for group, (z, x) in self._structured.items():
+            categorical_gaussian.check_prior(self.terms, group, self.latents[z], self.latents[x])
         self._terms_of = {
             name: [t for t in self.terms if name in t.latent or name in t.discrete or t.name == name]
             for name in self.factors
@@ -377,9 +435,11 @@ class CAVI:
             return
         for group, (w, tau) in self._normal_gamma.items():
             normal_gamma.add_member_moments(mu, group, self.latents[w], self.latents[tau])
+        for group, (z, x) in self._structured.items():
+            categorical_gaussian.add_member_moments(mu, group, self.latents[z], self.latents[x])
 
     def _expect_factors(self) -> Dict[str, ExpFamilyFactor]:
-        return {**self.factors, **self._views} if self._normal_gamma else self.factors
+        return {**self.factors, **self._views} if self._views else self.factors
 
     def _weight(self, term: Term) -> Tensor:
         """The static weight of a term: its ``poutine.scale`` times its ``poutine.mask``."""
@@ -486,10 +546,18 @@ class CAVI:
 
     def _grads(self, name: str, terms) -> tuple:
         mu = self._moments()
-        own = tuple(t.detach().clone().requires_grad_(True) for t in mu[name])
+        if name in self._structured:
+            # the expected log joint is sum_k r_k f_k(E[x|k], E[xx'|k]) with f_k affine: at r = 1 and
+            # zero conditional moments its gradient is the natural parameters (a_k, b_k, C_k)
+            # (.categorical_gaussian)
+            r, m, M = mu[name]
+            own = (torch.ones_like(r).requires_grad_(True), torch.zeros_like(m).requires_grad_(True),
+                   torch.zeros_like(M).requires_grad_(True))
+        else:
+            own = tuple(t.detach().clone().requires_grad_(True) for t in mu[name])
         mu[name] = own
         with torch.enable_grad():
-            if name in self._normal_gamma:
+            if name in self._normal_gamma or name in self._structured:
                 self._add_member_moments(mu)  # differentiable functions of the joint mean parameters
             total = self._expected_log_joint(terms, mu)
             grads = torch.autograd.grad(total, own, allow_unused=True) if total.requires_grad else (None,) * len(own)
@@ -535,6 +603,9 @@ class CAVI:
             elif name in self._normal_gamma:
                 loc = torch.randn(f.loc.shape, generator=gen).to(dtype=self.dtype, device=self.device)
                 f.set(loc, f.scale_tril, f.concentration, f.rate)
+            elif name in self._structured:  # the draw a mean-field factor of the Gaussian site would take
+                loc = torch.randn(f.loc.shape[:-2] + f.loc.shape[-1:], generator=gen).to(dtype=self.dtype, device=self.device)
+                f.set(f.probs, loc.unsqueeze(-2).expand_as(f.loc).clone(), f.scale_tril)
         discrete = [n for n, s in self.latents.items() if s.family == "Categorical"]
         for name in discrete:
             self._seed(name, gen, plus_plus=False)
@@ -544,7 +615,7 @@ class CAVI:
         if discrete:
             self._update_continuous(seeding=True)
             for name in discrete:
-                self._update(name)
+                self._update(self._group_of.get(name, name))
         self._initialised = True
 
     def _update_continuous(self, seeding: bool = False) -> None:
@@ -567,8 +638,22 @@ class CAVI:
                 continue
             self._update(name)
 
+    def _discrete_factor(self, name: str):
+        """The factor holding a discrete site's responsibilities (``probs``, ``set(probs)``)."""
+        group = self._group_of.get(name)
+        if group in self._structured:
+            return categorical_gaussian.ProbsView(self.factors[group], self.latents[name])
+        return self.factors[name]
+
+    def _seed_scores(self, name: str) -> Tensor:
+        """Each batch element's unnormalised log responsibility per category (k-means++ seeding)."""
+        group = self._group_of.get(name)
+        if group in self._structured:  # with the Gaussian member integrated out
+            return self.factors[group].log_weights(self._natural_grads(group))
+        return self._natural_grads(name)[0]
+
     def _seed(self, name: str, gen, plus_plus: bool) -> None:
-        f = self.factors[name]
+        f = self._discrete_factor(name)
         k, n = f.probs.shape[-1], f.shape.numel()
         if n < k:
             probs = torch.distributions.Dirichlet(torch.ones(k)).sample((n,)).to(self.dtype).to(self.device)
@@ -588,7 +673,7 @@ class CAVI:
             if best_score is None:
                 f.set(probs.reshape(f.shape + (k,)))
                 self._update_continuous(seeding=True)
-                best_score = self._natural_grads(name)[0].reshape(n, k)[:, :j].max(-1).values
+                best_score = self._seed_scores(name).reshape(n, k)[:, :j].max(-1).values
             gap = (best_score.max() - best_score).clamp_min(0)
             gap[chosen] = 0
             if not bool(gap.sum() > 0):
@@ -607,7 +692,7 @@ class CAVI:
                     trial[c, j + i] = 1.0
                 f.set(trial.reshape(f.shape + (k,)))
                 self._update_continuous(seeding=True)
-                scores = self._natural_grads(name)[0].reshape(n, k)
+                scores = self._seed_scores(name).reshape(n, k)
                 current = scores[:, :j].max(-1).values
                 for i, c in enumerate(batch):
                     with_c = torch.maximum(current, scores[:, j + i])
@@ -762,6 +847,9 @@ class CAVI:
         if group in self._normal_gamma:
             w, tau = (self.latents[n] for n in self._normal_gamma[group])
             return normal_gamma.marginal(self.factors[group], self.latents[name], w, tau)
+        if group in self._structured:
+            z, x = (self.latents[n] for n in self._structured[group])
+            return categorical_gaussian.marginal(self.factors[group], self.latents[name], z, x)
         f, site = self.factors[group], self.latents[name]
         _, offset, k = next(m for m in self._group_layout(group) if m[0] == name)
         loc = f.loc[0, offset:offset + k]
@@ -777,7 +865,7 @@ class CAVI:
     def sample_posterior(self, num_samples: int, sites: Optional[Sequence[str]] = None) -> Dict[str, Tensor]:
         """``num_samples`` draws of each latent site (shape ``(num_samples,) + site shape``) from the
         fitted posterior, jointly within structured factors (a joint Gaussian group, a
-        Normal-Gamma pair), in the order of ``sites`` (default: every latent site)."""
+        Normal-Gamma pair, a discrete-Gaussian pair), in the order of ``sites`` (default: every latent site)."""
         if not self.factors:
             raise RuntimeError("CAVI.sample_posterior: call step() or run() before drawing from the posterior")
         names = list(self.latents) if sites is None else list(sites)
@@ -818,6 +906,9 @@ class CAVI:
                 if group in self._normal_gamma:
                     w, tau = (self.latents[n] for n in self._normal_gamma[group])
                     joint[group] = normal_gamma.draw(f, w, tau, lambda part, d, given: sample(f"_joint_{group}.{part}", d, given))
+                elif group in self._structured:
+                    z, x = (self.latents[n] for n in self._structured[group])
+                    joint[group] = categorical_gaussian.draw(f, z, x, lambda part, d, given: sample(f"_joint_{group}.{part}", d, given))
                 else:
                     v = sample(f"_joint_{group}", dist.MultivariateNormal(f.loc[0], scale_tril=f.scale_tril[0]), False)
                     joint[group] = {m: v[..., o:o + k].reshape(v.shape[:-1] + self.latents[m].shape)
@@ -832,6 +923,12 @@ class CAVI:
                 group = self._group_of[name]
                 rules = sorted({t.uses[name] for t in self.terms if name in t.uses and t.name != name})
                 lines.append(f"  {name}: part of the joint Normal-Gamma factor {group!r}; conjugate through {', '.join(rules) or 'its prior only'}")
+                continue
+            if self._group_of.get(name) in self._structured:
+                group = self._group_of[name]
+                rules = sorted({f"{t.name!r} ({type(unwrap(t.fn)[0]).__name__})" for t in self.terms if group in t.latent and t.name != name})
+                lines.append(f"  {name}: part of the joint discrete-Gaussian factor {group!r} (a Gaussian per category); "
+                             f"conjugate through {', '.join(rules)}")
                 continue
             if name in self._group_of:
                 group = self._group_of[name]

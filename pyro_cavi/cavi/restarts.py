@@ -38,6 +38,7 @@ import torch
 
 from .factors import (BetaFactor, CategoricalFactor, DirichletFactor, GammaFactor, GaussianFactor,
                       InverseGammaFactor, PolyaGammaFactor)
+from .categorical_gaussian import CategoricalGaussianFactor
 
 Tensor = torch.Tensor
 
@@ -45,7 +46,7 @@ __all__ = ["RestartBatch", "stack_factors", "select_factors"]
 
 # factor families whose ``update`` runs unchanged on tensors with a leading restart dimension
 _STACKABLE_UPDATES = (GaussianFactor, GammaFactor, InverseGammaFactor, BetaFactor, DirichletFactor,
-                      CategoricalFactor, PolyaGammaFactor)
+                      CategoricalFactor, PolyaGammaFactor, CategoricalGaussianFactor)
 
 
 def _state_attrs(copies: Sequence[object]) -> List[str]:
