@@ -274,3 +274,66 @@ def fisher_matvec(
     diag_s = fisher.precision_diag * (1.0 + (W * W).sum(-1)) + 1.0 / (s * s)
     diag = xp.concatenate([(s * s)[:, None] * diag_B, (t * t * diag_s)[:, None]], 1).reshape(-1)
     return fvp, diag
+
+
+class PaperNaturalGradient(NamedTuple):
+    loc: Array
+    cov_factor: Array
+    cov_diag_sqrt: Array
+    cg_iterations: int
+
+
+def paper_natural_gradient(
+    loc_grad: Array,
+    cov_factor: Array,
+    cov_factor_grad: Array,
+    cov_diag_sqrt: Array,
+    cov_diag_sqrt_grad: Array,
+    free: Array | None = None,
+    damping: float = 10.0,
+    cg_tol: float = 1e-6,
+    cg_max_iter: int = 100,
+) -> PaperNaturalGradient:
+    """
+    Damped natural gradient ``(F + damping * diag F)^{-1} g`` in the paper's coordinates
+    ``(mu, B, d)`` of ``N(mu, B B^T + diag(d)^2)``, with only the entries of ``B`` where ``free``
+    is true as parameters (the others are held fixed): the authors' code (Zhang et al. 2023,
+    ``Hessian_ong_deepglmm.m``) keeps ``B`` lower triangular and removes the entries above the
+    diagonal from the Fisher system and the gradient.  ``F`` is the exact Fisher information
+    restricted to ``(mu, B[free], d)``; the ``(B, d)`` block is solved by Jacobi-preconditioned
+    conjugate gradients on :meth:`FactorGaussianFisher.fisher_vp` (matrix-free, O(M p^2) per
+    iteration), the ``mu`` block by Woodbury.
+
+    Arrays are torch tensors or NumPy arrays (all of one kind); ``free`` is a boolean
+    ``(M, p)`` array (default: all entries free).  The returned ``cov_factor`` is zero where
+    ``free`` is false.
+    """
+    M, p = cov_factor.shape
+    xp = _xp(cov_factor)
+    fisher = FactorGaussianFisher(cov_factor, cov_diag_sqrt)
+    ng_loc = fisher.solve_loc(loc_grad, damping)
+    diag_B, diag_d = fisher.fisher_diag()
+    diag = xp.concatenate([diag_B, diag_d[:, None]], 1)
+    if free is None:
+        mask = None
+        rhs = xp.concatenate([cov_factor_grad, cov_diag_sqrt_grad[:, None]], 1)
+        preconditioner = (1.0 + damping) * diag
+    else:
+        ones = xp.ones_like(cov_diag_sqrt[:, None]) > 0
+        mask = xp.concatenate([free, ones], 1)
+        rhs = xp.where(mask, xp.concatenate([cov_factor_grad, cov_diag_sqrt_grad[:, None]], 1), 0.0 * diag)
+        # entries held fixed have zero right-hand side and a zero row: CG never moves them
+        preconditioner = xp.where(mask, (1.0 + damping) * diag, 1.0 + 0.0 * diag)
+    damped_diag = damping * diag
+
+    def matvec(vector: Array) -> Array:
+        V = vector.reshape(M, p + 1)
+        g_B, g_d = fisher.fisher_vp(V[:, :p], V[:, p])
+        out = xp.concatenate([g_B, g_d[:, None]], 1)
+        if mask is not None:
+            out = out * mask
+        return (out + damped_diag * V).reshape(-1)
+
+    result = conjugate_gradient(matvec, rhs.reshape(-1), preconditioner.reshape(-1), tol=cg_tol, max_iter=cg_max_iter)
+    x = result.solution.reshape(M, p + 1)
+    return PaperNaturalGradient(ng_loc, x[:, :p], x[:, p], result.num_iterations)
