@@ -35,6 +35,7 @@ import torch
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+from torch.distributions import transform_to
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, init_to_feasible, init_to_value
 from pyro.optim import Adam
@@ -193,11 +194,23 @@ def _conditional(name):
     return PolyaGammaGibbs("alpha") if name == "logistic" else GaussianConditional("alpha")
 
 
+def _init_to_unconstrained(value):
+    """Every site at ``value`` in unconstrained space."""
+
+    def init(site):
+        fn = site["fn"]
+        return transform_to(fn.support)(torch.full(fn.shape(), value))
+
+    return init
+
+
 def _init_loc_fn(name, seed):
-    """Zero network weights give zero ReLU features and no gradient: start them at random values
-    (as the authors' code does); everything else at the unconstrained origin."""
+    """The linear and logistic models start at mu = 0.01 in unconstrained space (beta, log
+    sigma2), as the authors' code (``Hybrid_LMM_initialize.m``).  For the deep model, zero network
+    weights give zero ReLU features and no gradient: start them at random values (as the authors'
+    code does); everything else at the unconstrained origin."""
     if name != "deep":
-        return init_to_feasible
+        return _init_to_unconstrained(0.01)
     g = torch.Generator().manual_seed(seed)
     values = {"W1": 0.5 * torch.randn(5, 6, generator=g), "W2": 0.5 * torch.randn(5, 6, generator=g)}
     return init_to_value(values=values, fallback=init_to_feasible)
