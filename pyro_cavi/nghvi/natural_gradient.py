@@ -101,11 +101,16 @@ class FactorGaussianFisher:
     + 2 diag(d * v_d)`` and ``W = P dSigma P``; the ``(B, d)`` Fisher-vector product is
     ``(W B, d * diag(W))``, evaluated with ``P = D^{-2} - U U^T`` in O(M p^2).
 
+    For small ``M`` (``M <= dense_precision_max_dim``) the ``M x M`` precision ``P`` itself is
+    formed once (O(M^2 p)) and every product uses it: fewer, larger array operations, which is
+    what costs on tiny problems.  The ``(Mp + M)^2`` Fisher block is never formed.
+
     :param cov_factor: ``B``, shape ``(M, p)`` (a torch tensor or a NumPy array).
     :param cov_diag_sqrt: ``d``, shape ``(M,)``, nonzero.
+    :param dense_precision_max_dim: largest ``M`` for which ``P`` is formed explicitly.
     """
 
-    def __init__(self, cov_factor: Array, cov_diag_sqrt: Array):
+    def __init__(self, cov_factor: Array, cov_diag_sqrt: Array, dense_precision_max_dim: int = 64):
         if cov_factor.ndim != 2 or tuple(cov_diag_sqrt.shape) != tuple(cov_factor.shape[:1]):
             raise ValueError(
                 f"expected cov_factor of shape (M, p) and d of shape (M,), got "
@@ -127,11 +132,18 @@ class FactorGaussianFisher:
         self.precision_diag = self.inv_d2 - u2
         # diag(P diag(a) P) = a * (d^-4 - 2 d^-2 |u_i|^2) + u_i^T (U^T diag(a) U) u_i
         self._diag_coef = self.inv_d2 * (self.inv_d2 - 2.0 * u2)
+        self.P = None
+        if cov_factor.shape[0] <= dense_precision_max_dim:
+            P = -(self.U @ self.U.T)
+            P[range(P.shape[0]), range(P.shape[0])] += self.inv_d2
+            self.P, self.P2 = P, P * P  # P2 @ a = diag(P diag(a) P)
         self.PB = self.precision_matmul(cov_factor)
         self.BtPB = cov_factor.T @ self.PB
 
     def precision_matmul(self, x: Array) -> Array:
         """``Sigma^{-1} x`` for ``x`` of shape ``(M,)`` or ``(M, k)``."""
+        if self.P is not None:
+            return self.P @ x
         if x.ndim == 1:
             return self.inv_d2 * x - self.U @ (self.U.T @ x)
         return self.inv_d2[:, None] * x - self.U @ (self.U.T @ x)
@@ -152,6 +164,9 @@ class FactorGaussianFisher:
         """The ``(B, d)`` Fisher block applied to ``(v_B, v_d)``, without forming it."""
         a = 2.0 * self.d * v_d  # dSigma = v_B B^T + B v_B^T + diag(a)
         PV = self.precision_matmul(v_B)
+        if self.P is not None:
+            WB = self.P @ (a[:, None] * self.PB) + PV @ self.BtPB + self.PB @ (PV.T @ self.B)
+            return WB, self.d * (2.0 * (PV * self.PB).sum(-1) + self.P2 @ a)
         # P diag(a) P = diag(a / d^4) - D^{-2} diag(a) U U^T - U U^T diag(a) D^{-2} + U (U^T diag(a) U) U^T
         PaPB = self.precision_matmul(a[:, None] * self.PB)
         WB = PV @ self.BtPB + self.PB @ (PV.T @ self.B) + PaPB
@@ -314,26 +329,52 @@ def paper_natural_gradient(
     ng_loc = fisher.solve_loc(loc_grad, damping)
     diag_B, diag_d = fisher.fisher_diag()
     diag = xp.concatenate([diag_B, diag_d[:, None]], 1)
+    rhs = xp.concatenate([cov_factor_grad, cov_diag_sqrt_grad[:, None]], 1)
     if free is None:
         mask = None
-        rhs = xp.concatenate([cov_factor_grad, cov_diag_sqrt_grad[:, None]], 1)
         preconditioner = (1.0 + damping) * diag
     else:
-        ones = xp.ones_like(cov_diag_sqrt[:, None]) > 0
-        mask = xp.concatenate([free, ones], 1)
-        rhs = xp.where(mask, xp.concatenate([cov_factor_grad, cov_diag_sqrt_grad[:, None]], 1), 0.0 * diag)
+        mask = xp.concatenate([free, xp.ones_like(free[:, :1])], 1)
+        rhs = xp.where(mask, rhs, 0.0 * rhs)
         # entries held fixed have zero right-hand side and a zero row: CG never moves them
         preconditioner = xp.where(mask, (1.0 + damping) * diag, 1.0 + 0.0 * diag)
-    damped_diag = damping * diag
+        mask = mask * 1.0
+    result = conjugate_gradient(
+        _damped_bd_operator(fisher, damping * diag, mask), rhs.reshape(-1), preconditioner.reshape(-1), tol=cg_tol, max_iter=cg_max_iter
+    )
+    x = result.solution.reshape(M, p + 1)
+    return PaperNaturalGradient(ng_loc, x[:, :p], x[:, p], result.num_iterations)
+
+
+def _damped_bd_operator(fisher: FactorGaussianFisher, damped_diag: Array, mask: Array | None) -> Callable[[Array], Array]:
+    """``v -> mask * (F_(B,d) v) + damped_diag * v`` on vectors in the flattened ``(M, p + 1)``
+    layout ``[V_B | v_d]``, written into one preallocated output."""
+    B, d, PB, BtPB, P = fisher.B, fisher.d, fisher.PB, fisher.BtPB, fisher.P
+    M, p = B.shape
+    xp = fisher.xp
+    out = xp.zeros_like(damped_diag)
+    two_d = 2.0 * d
+    if P is None:
+
+        def bd_product(V: Array) -> None:
+            g_B, g_d = fisher.fisher_vp(V[:, :p], V[:, p])
+            out[:, :p] = g_B
+            out[:, p] = g_d
+
+    else:
+        P2 = fisher.P2
+
+        def bd_product(V: Array) -> None:  # the dense-P branch of fisher_vp, inlined
+            a = two_d * V[:, p]
+            PV = P @ V[:, :p]
+            out[:, :p] = P @ (a[:, None] * PB) + PV @ BtPB + PB @ (PV.T @ B)
+            out[:, p] = d * (2.0 * (PV * PB).sum(-1) + P2 @ a)
 
     def matvec(vector: Array) -> Array:
         V = vector.reshape(M, p + 1)
-        g_B, g_d = fisher.fisher_vp(V[:, :p], V[:, p])
-        out = xp.concatenate([g_B, g_d[:, None]], 1)
+        bd_product(V)
         if mask is not None:
-            out = out * mask
+            out.__imul__(mask)
         return (out + damped_diag * V).reshape(-1)
 
-    result = conjugate_gradient(matvec, rhs.reshape(-1), preconditioner.reshape(-1), tol=cg_tol, max_iter=cg_max_iter)
-    x = result.solution.reshape(M, p + 1)
-    return PaperNaturalGradient(ng_loc, x[:, :p], x[:, p], result.num_iterations)
+    return matvec

@@ -221,10 +221,16 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
             acc_delta += (1.0 - rho) * delta * delta
             new.append(x - delta)
         mu, B, d = new
-        if not bool((d != 0).all()):
-            raise ValueError("NG-HVI: an entry of d (the diagonal scale of Sigma = B B^T + D^2) became exactly 0")
-        s = xp.abs(d)
-        sign[...] = xp.sign(d)
+        sign[...] = xp.where(d < 0, -1.0, 1.0)
+        # The guide stores W = B / |d| in its own dtype, and torch's LowRankMultivariateNormal
+        # factors I + W^T W: as d_i crosses zero (the authors' additive update lets it) that
+        # matrix loses positive definiteness in float32.  Keep |d_i| >= eps^(1/3) ||B_i||
+        # (5e-3 ||B_i|| in float32, 6e-6 in float64): a change of at most 2.4e-5 (float32)
+        # of the row's variance, only while |d_i| is inside that band.
+        floor = torch.finfo(u_param.dtype).eps ** (1.0 / 3.0) * xp.sqrt((B * B).sum(-1))
+        s = xp.maximum(xp.abs(d), floor)
+        if not bool((s > 0).all()):
+            raise ValueError("NG-HVI: a row of Sigma = B B^T + D^2 became zero (d_i = 0 and B_i = 0)")
         W = B / s[:, None]
         if use_numpy:
             mu, W, s = (torch.from_numpy(x) for x in (mu, W, s))
