@@ -82,12 +82,14 @@ def test_numpy_and_torch_paths_agree_in_float32():
 
 
 @pytest.mark.parametrize("M,p", [(5, 1), (6, 3)])
-def test_fisher_blocks_in_paper_coordinates(M, p):
+@pytest.mark.parametrize("dense_max", [64, 0], ids=["dense-P", "woodbury"])
+def test_fisher_blocks_in_paper_coordinates(M, p, dense_max):
     torch.manual_seed(p)
     mu, B, d = torch.randn(M, dtype=torch.float64), torch.randn(M, p, dtype=torch.float64), torch.rand(M, dtype=torch.float64) + 0.3
     lam0 = torch.cat([mu, B.reshape(-1), d])
     F = _dense_fisher(lambda lam: _paper_mvn(lam, M, p), lam0)
-    fisher = FactorGaussianFisher(B, d)
+    fisher = FactorGaussianFisher(B, d, dense_precision_max_dim=dense_max)
+    assert (fisher.P is None) == (dense_max == 0)
     # the mu block is Sigma^{-1} and there is no mu-(B, d) cross term
     assert torch.allclose(F[:M, :M], torch.linalg.inv(B @ B.T + torch.diag(d**2)), atol=1e-10)
     assert F[:M, M:].abs().max() < 1e-10
@@ -231,7 +233,8 @@ def _lower_mvn(lam, M, p):
 @pytest.mark.parametrize("M,p", [(4, 1), (6, 2), (7, 3)])
 @pytest.mark.parametrize("damping", [0.1, 10.0])
 @pytest.mark.parametrize("use_numpy", [True, False], ids=["numpy", "torch"])
-def test_paper_natural_gradient_matches_dense_solve_with_lower_triangular_B(M, p, damping, use_numpy):
+@pytest.mark.parametrize("dense_max", [64, 0], ids=["dense-P", "woodbury"])
+def test_paper_natural_gradient_matches_dense_solve_with_lower_triangular_B(M, p, damping, use_numpy, dense_max):
     torch.manual_seed(M + p)
     rows, cols = torch.tril_indices(M, p)
     k = len(rows)
@@ -247,7 +250,7 @@ def test_paper_natural_gradient_matches_dense_solve_with_lower_triangular_B(M, p
     args = (g[:M], B, g_B, lam0[M + k :], g[M + k :], free)
     if use_numpy:
         args = tuple(x.numpy() for x in args)
-    ng = paper_natural_gradient(*args, damping=damping, cg_tol=1e-13, cg_max_iter=1000)
+    ng = paper_natural_gradient(*args, damping=damping, cg_tol=1e-13, cg_max_iter=1000, dense_precision_max_dim=dense_max)
     ng_B = torch.as_tensor(ng.cov_factor)
     assert (ng_B[~free] == 0).all()
     actual = torch.cat([torch.as_tensor(ng.loc), ng_B[rows, cols], torch.as_tensor(ng.cov_diag_sqrt)])
@@ -339,3 +342,58 @@ def test_paper_coordinates_hold_entries_above_the_diagonal():
     B = softplus(u.detach())[:, None] * W.detach()
     assert torch.allclose(B.triu(1), upper, atol=1e-6)
     assert not torch.allclose(B.tril(), (s0[:, None] * W.detach()).tril())
+
+
+@pytest.mark.parametrize("M,p", [(5, 2), (7, 3)])
+def test_authors_fisher_approximation_option(M, p):
+    """fisher='authors': the (B, B) part is 2 (B^T P B) kron P (Hessian_ong_deepglmm.m's G22),
+    the (B, d) and (d, d) parts exact; lower-triangular B."""
+    torch.manual_seed(11)
+    rows, cols = torch.tril_indices(M, p)
+    k = len(rows)
+    B = torch.zeros(M, p, dtype=torch.float64).index_put((rows, cols), torch.randn(k, dtype=torch.float64))
+    d = torch.rand(M, dtype=torch.float64) + 0.3
+    P = torch.linalg.inv(B @ B.T + torch.diag(d**2))
+    full = torch.kron(P.contiguous(), (B.T @ P @ B).contiguous()) * 2.0  # row-major vec(V): vec(P V C) = (P kron C^T) vec(V)
+    lam0 = torch.cat([torch.zeros(M, dtype=torch.float64), B[rows, cols], d])
+    F = _dense_fisher(lambda lam: _lower_mvn(lam, M, p), lam0)[M:, M:]
+    lower = rows * p + cols
+    F[:k, :k] = full[lower][:, lower]
+    g = torch.randn(k + M, dtype=torch.float64)
+    expected = torch.linalg.solve(F + 10.0 * torch.diag(F.diagonal()), g)
+    free = torch.zeros(M, p, dtype=torch.bool).index_put((rows, cols), torch.tensor(True))
+    g_B = torch.zeros(M, p, dtype=torch.float64).index_put((rows, cols), g[:k])
+    for dense_max in (64, 0):  # explicit P and Woodbury products
+        ng = paper_natural_gradient(
+            torch.zeros(M, dtype=torch.float64), B, g_B, d, g[k:], free, cg_tol=1e-13, cg_max_iter=1000, fisher="authors",
+            dense_precision_max_dim=dense_max,
+        )
+        actual = torch.cat([ng.cov_factor[rows, cols], ng.cov_diag_sqrt])
+        assert torch.allclose(actual, expected, rtol=1e-7, atol=1e-9 * expected.abs().max())
+    with pytest.raises(ValueError, match="fisher"):
+        paper_natural_gradient(g[:M], B, g_B, d, g[k:], free, fisher="approx")
+
+
+def test_paper_coordinates_keep_d_off_zero_in_the_guide():
+    """When the additive update puts d_i within eps^(1/3) ||B_i|| of zero, the guide's scale is
+    that floor (float32: 4.9e-3 ||B_i||), the sign of d is kept, and the guide's distribution
+    stays valid."""
+    M, p = 3, 2
+    transform = SoftplusTransform()
+    d0 = torch.tensor([0.5, 0.5, 0.003])
+    B0 = torch.tensor([[0.3, 0.0], [0.2, 0.1], [0.4, 0.3]])
+    loc = torch.zeros(M, requires_grad=True)
+    W = (B0 / d0[:, None]).requires_grad_()
+    u = transform.inv(d0).requires_grad_()
+    opt = NaturalGradientAdadelta([loc, W, u], transform, natural_gradient=False, momentum=0.0, clip_norm=None)
+    loc.grad, W.grad = torch.zeros(M), torch.zeros(M, p)
+    u.grad = torch.tensor([0.0, 0.0, 100.0])  # d_2 moves by ~ -0.0045 (ADADELTA's first step): to -0.0015
+    opt.step()
+    s = transform(u).detach()
+    floor = torch.finfo(torch.float32).eps ** (1 / 3) * 0.5  # ||B_2|| = 0.5
+    assert abs(s[2].item() - floor) < 1e-6 and floor > 0.0015
+    assert opt.state[u]["sign"][2].item() == -1.0
+    assert torch.allclose(s[:2], d0[:2])
+    B = s[:, None] * W.detach()
+    assert torch.allclose(B, B0, atol=1e-6)
+    MultivariateNormal(loc.detach(), B @ B.T + torch.diag(s**2))  # positive definite

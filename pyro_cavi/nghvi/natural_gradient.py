@@ -308,6 +308,8 @@ def paper_natural_gradient(
     damping: float = 10.0,
     cg_tol: float = 1e-6,
     cg_max_iter: int = 100,
+    fisher: str = "exact",
+    dense_precision_max_dim: int = 64,
 ) -> PaperNaturalGradient:
     """
     Damped natural gradient ``(F + damping * diag F)^{-1} g`` in the paper's coordinates
@@ -319,15 +321,25 @@ def paper_natural_gradient(
     conjugate gradients on :meth:`FactorGaussianFisher.fisher_vp` (matrix-free, O(M p^2) per
     iteration), the ``mu`` block by Woodbury.
 
+    ``fisher="authors"`` replaces the ``(B, B)`` part of the block by the authors' approximation
+    ``2 (B^T P B) kron P`` (their ``G22``; the exact part is ``(B^T P B) kron P`` plus a
+    commutation term), keeping the exact ``(B, d)`` and ``(d, d)`` parts as they do; it is there
+    for comparison only (the issue asks for the exact Fisher).
+
     Arrays are torch tensors or NumPy arrays (all of one kind); ``free`` is a boolean
     ``(M, p)`` array (default: all entries free).  The returned ``cov_factor`` is zero where
-    ``free`` is false.
+    ``free`` is false.  ``dense_precision_max_dim``: see :class:`FactorGaussianFisher`.
     """
     M, p = cov_factor.shape
     xp = _xp(cov_factor)
-    fisher = FactorGaussianFisher(cov_factor, cov_diag_sqrt)
+    if fisher not in ("exact", "authors"):
+        raise ValueError(f"fisher must be 'exact' or 'authors', got {fisher!r}")
+    authors = fisher == "authors"
+    fisher = FactorGaussianFisher(cov_factor, cov_diag_sqrt, dense_precision_max_dim)
     ng_loc = fisher.solve_loc(loc_grad, damping)
     diag_B, diag_d = fisher.fisher_diag()
+    if authors:
+        diag_B = 2.0 * fisher.precision_diag[:, None] * fisher.BtPB.diagonal()
     diag = xp.concatenate([diag_B, diag_d[:, None]], 1)
     rhs = xp.concatenate([cov_factor_grad, cov_diag_sqrt_grad[:, None]], 1)
     if free is None:
@@ -340,21 +352,31 @@ def paper_natural_gradient(
         preconditioner = xp.where(mask, (1.0 + damping) * diag, 1.0 + 0.0 * diag)
         mask = mask * 1.0
     result = conjugate_gradient(
-        _damped_bd_operator(fisher, damping * diag, mask), rhs.reshape(-1), preconditioner.reshape(-1), tol=cg_tol, max_iter=cg_max_iter
+        _damped_bd_operator(fisher, damping * diag, mask, authors), rhs.reshape(-1), preconditioner.reshape(-1), tol=cg_tol, max_iter=cg_max_iter
     )
     x = result.solution.reshape(M, p + 1)
     return PaperNaturalGradient(ng_loc, x[:, :p], x[:, p], result.num_iterations)
 
 
-def _damped_bd_operator(fisher: FactorGaussianFisher, damped_diag: Array, mask: Array | None) -> Callable[[Array], Array]:
+def _damped_bd_operator(
+    fisher: FactorGaussianFisher, damped_diag: Array, mask: Array | None, authors: bool = False
+) -> Callable[[Array], Array]:
     """``v -> mask * (F_(B,d) v) + damped_diag * v`` on vectors in the flattened ``(M, p + 1)``
-    layout ``[V_B | v_d]``, written into one preallocated output."""
+    layout ``[V_B | v_d]``, written into one preallocated output (``authors``: the authors'
+    ``(B, B)`` part ``2 (B^T P B) kron P``, see :func:`paper_natural_gradient`)."""
     B, d, PB, BtPB, P = fisher.B, fisher.d, fisher.PB, fisher.BtPB, fisher.P
     M, p = B.shape
     xp = fisher.xp
     out = xp.zeros_like(damped_diag)
     two_d = 2.0 * d
-    if P is None:
+    if authors:
+
+        def bd_product(V: Array) -> None:
+            a = two_d * V[:, p]
+            out[:, :p] = 2.0 * (fisher.precision_matmul(V[:, :p]) @ BtPB) + fisher.precision_matmul(a[:, None] * PB)
+            out[:, p] = fisher.fisher_vp(V[:, :p], V[:, p])[1]  # the d rows are exact in both
+
+    elif P is None:
 
         def bd_product(V: Array) -> None:
             g_B, g_d = fisher.fisher_vp(V[:, :p], V[:, p])

@@ -56,6 +56,9 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
     :param scale_transform: the transform ``T`` with ``scale = T(u)`` (e.g.
         ``transform_to(constraints.softplus_positive)``).
     :param coordinates: ``"paper"`` or ``"guide"``, see above.
+    :param fisher: ``"exact"`` (default) or ``"authors"``: the authors' approximate ``(B, B)``
+        Fisher block (``"paper"`` coordinates only; see
+        :func:`~pyro_cavi.nghvi.natural_gradient.paper_natural_gradient`), for comparison.
     :param numpy_max_size: in ``"paper"`` coordinates, CPU problems with ``M (p + 1)`` up to this
         size run in NumPy float64 (state kept in float64 tensors), larger ones in torch.
     """
@@ -74,6 +77,7 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         cg_max_iter: int = 100,
         coordinates: str = "paper",
         numpy_max_size: int = 20000,
+        fisher: str = "exact",
     ):
         params = list(params)
         if len(params) != 3:
@@ -98,6 +102,8 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
         if coordinates not in ("paper", "guide"):
             raise ValueError(f"coordinates must be 'paper' or 'guide', got {coordinates!r}")
+        if fisher not in ("exact", "authors") or (fisher == "authors" and coordinates != "paper"):
+            raise ValueError(f"fisher must be 'exact', or 'authors' with coordinates='paper', got {fisher!r}")
         defaults = dict(
             damping=damping,
             momentum=momentum,
@@ -109,6 +115,7 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
             cg_max_iter=cg_max_iter,
             coordinates=coordinates,
             numpy_max_size=numpy_max_size,
+            fisher=fisher,
         )
         super().__init__([{"params": params}], defaults)
         self.scale_transform = scale_transform
@@ -193,7 +200,16 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         g_d = sign * (g_u / t - (g_W * W).sum(-1) / s)
         if group["natural_gradient"]:
             ng = paper_natural_gradient(
-                g_loc, B, g_B, d, g_d, free, damping=group["damping"], cg_tol=group["cg_tol"], cg_max_iter=group["cg_max_iter"]
+                g_loc,
+                B,
+                g_B,
+                d,
+                g_d,
+                free,
+                damping=group["damping"],
+                cg_tol=group["cg_tol"],
+                cg_max_iter=group["cg_max_iter"],
+                fisher=group["fisher"],
             )
             direction = [ng.loc, ng.cov_factor, ng.cov_diag_sqrt]
             self.last_cg_iterations = ng.cg_iterations
@@ -315,6 +331,7 @@ class NGHVIOptim(PyroOptim):
         cg_tol: float = 1e-6,
         cg_max_iter: int = 100,
         coordinates: str = "paper",
+        fisher: str = "exact",
     ):
         optim_args = dict(
             damping=damping,
@@ -326,6 +343,7 @@ class NGHVIOptim(PyroOptim):
             cg_tol=cg_tol,
             cg_max_iter=cg_max_iter,
             coordinates=coordinates,
+            fisher=fisher,
         )
         super().__init__(NaturalGradientAdadelta, optim_args)
         self._grouped: dict[Tensor, Tensor] = {}  # member param -> key param (the loc)
