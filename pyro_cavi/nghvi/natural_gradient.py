@@ -79,16 +79,17 @@ def conjugate_gradient(
     rz = float(xp.vdot(r, z))
     iteration, rr = 0, rhs_norm**2
     for iteration in range(1, max_iter + 1):
-        a_direction = matvec(direction)
+        a_direction = matvec(direction)  # may be overwritten by the next call: used only here
         step = rz / float(xp.vdot(direction, a_direction))
-        x = x + step * direction
-        r = r - step * a_direction
+        x += step * direction
+        r -= step * a_direction
         rr = float(xp.vdot(r, r))
         if rr <= stop:
             break
         z = r * inv_pre if inv_pre is not None else r
         rz_new = float(xp.vdot(r, z))
-        direction = z + (rz_new / rz) * direction
+        direction *= rz_new / rz
+        direction += z
         rz = rz_new
     return CGResult(x, iteration, rr**0.5 / rhs_norm)
 
@@ -122,23 +123,33 @@ class FactorGaussianFisher:
         self.B = cov_factor
         self.d = cov_diag_sqrt
         self.inv_d2 = 1.0 / (cov_diag_sqrt * cov_diag_sqrt)
-        p = cov_factor.shape[1]
-        inv_d2_B = cov_factor * self.inv_d2[:, None]
-        capacitance = xp.eye(p, dtype=cov_factor.dtype) + cov_factor.T @ inv_d2_B
-        chol = xp.linalg.cholesky(capacitance)
-        # U = D^{-2} B L^{-T}, so that P = D^{-2} - U U^T  (L is p x p: a general solve is as cheap)
-        self.U = xp.linalg.solve(chol, inv_d2_B.T).T
-        u2 = (self.U * self.U).sum(-1)
-        self.precision_diag = self.inv_d2 - u2
-        # diag(P diag(a) P) = a * (d^-4 - 2 d^-2 |u_i|^2) + u_i^T (U^T diag(a) U) u_i
-        self._diag_coef = self.inv_d2 * (self.inv_d2 - 2.0 * u2)
+        self._U = self._diag_coef_ = None
         self.P = None
         if cov_factor.shape[0] <= dense_precision_max_dim:
-            P = -(self.U @ self.U.T)
-            P[range(P.shape[0]), range(P.shape[0])] += self.inv_d2
-            self.P, self.P2 = P, P * P  # P2 @ a = diag(P diag(a) P)
+            self.P = xp.linalg.inv(cov_factor @ cov_factor.T + xp.diag(cov_diag_sqrt * cov_diag_sqrt))
+            self.P2 = self.P * self.P  # P2 @ a = diag(P diag(a) P)
+            self.precision_diag = self.P.diagonal() * 1.0
+        else:
+            self.precision_diag = self.inv_d2 - (self.U * self.U).sum(-1)
         self.PB = self.precision_matmul(cov_factor)
         self.BtPB = cov_factor.T @ self.PB
+
+    @property
+    def U(self) -> Array:
+        """``U = D^{-2} B L^{-T}`` with ``L L^T = I + B^T D^{-2} B``, so that ``P = D^{-2} - U U^T``."""
+        if self._U is None:
+            xp, B = self.xp, self.B
+            inv_d2_B = B * self.inv_d2[:, None]
+            chol = xp.linalg.cholesky(xp.eye(B.shape[1], dtype=B.dtype) + B.T @ inv_d2_B)
+            self._U = xp.linalg.solve(chol, inv_d2_B.T).T  # L is p x p: a general solve is as cheap
+        return self._U
+
+    @property
+    def _diag_coef(self) -> Array:
+        """``d^-4 - 2 d^-2 |u_i|^2``: ``diag(P diag(a) P) = a * coef + u_i^T (U^T diag(a) U) u_i``."""
+        if self._diag_coef_ is None:
+            self._diag_coef_ = self.inv_d2 * (self.inv_d2 - 2.0 * (self.U * self.U).sum(-1))
+        return self._diag_coef_
 
     def precision_matmul(self, x: Array) -> Array:
         """``Sigma^{-1} x`` for ``x`` of shape ``(M,)`` or ``(M, k)``."""
@@ -150,8 +161,11 @@ class FactorGaussianFisher:
 
     # ---- mu block -------------------------------------------------------------------------
     def solve_loc(self, grad: Array, damping: float) -> Array:
-        """``(P + damping diag P)^{-1} grad`` by Woodbury: ``P + damping diag P = H - U U^T``."""
+        """``(P + damping diag P)^{-1} grad`` by Woodbury: ``P + damping diag P = H - U U^T``
+        (a direct ``M x M`` solve when ``P`` is formed)."""
         xp = self.xp
+        if self.P is not None:
+            return xp.linalg.solve(self.P + damping * xp.diag(self.precision_diag), grad)
         h = self.inv_d2 + damping * self.precision_diag
         inv_h_U = self.U / h[:, None]
         capacitance = xp.eye(self.U.shape[1], dtype=h.dtype) - self.U.T @ inv_h_U
@@ -384,19 +398,25 @@ def _damped_bd_operator(
             out[:, p] = g_d
 
     else:
-        P2 = fisher.P2
+        # the dense-P branch of fisher_vp with the d-scalings folded into constants:
+        # P diag(2 d v_d) P B = P (v_d * 2 d P B),  d * diag(P diag(2 d v_d) P) = (d P2 2d) v_d,
+        # PV^T B = V_B^T P B
+        PB_2d = two_d[:, None] * PB
+        dP2d = (d[:, None] * fisher.P2) * two_d
 
-        def bd_product(V: Array) -> None:  # the dense-P branch of fisher_vp, inlined
-            a = two_d * V[:, p]
-            PV = P @ V[:, :p]
-            out[:, :p] = P @ (a[:, None] * PB) + PV @ BtPB + PB @ (PV.T @ B)
-            out[:, p] = d * (2.0 * (PV * PB).sum(-1) + P2 @ a)
+        def bd_product(V: Array) -> None:
+            v_d = V[:, p]
+            V_B = V[:, :p]
+            PV = P @ V_B
+            out[:, :p] = P @ (v_d[:, None] * PB_2d) + PV @ BtPB + PB @ (V_B.T @ PB)
+            out[:, p] = (PV * PB_2d).sum(-1) + dP2d @ v_d
 
-    def matvec(vector: Array) -> Array:
+    def matvec(vector: Array) -> Array:  # returns a view of ``out``, overwritten by the next call
         V = vector.reshape(M, p + 1)
         bd_product(V)
         if mask is not None:
             out.__imul__(mask)
-        return (out + damped_diag * V).reshape(-1)
+        out.__iadd__(damped_diag * V)
+        return out.reshape(-1)
 
     return matvec
