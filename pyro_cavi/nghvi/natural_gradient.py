@@ -8,25 +8,28 @@ block diagonal in ``(mu, (B, d))``::
     F_mu      = Sigma^{-1}
     F_(B,d)   = 1/2 J^T (Sigma^{-1} kron Sigma^{-1}) J,     J = d vec(Sigma) / d (vec B, d)
 
-Nothing here builds an ``M x M`` matrix, let alone the ``(Mp + M)^2`` Fisher block:
-``Sigma^{-1} = D^{-2} - U U^T`` (Woodbury, ``U`` is ``M x p``) and the ``(B, d)`` block is
-applied matrix-free.  The damped natural gradient ``(F + delta diag F)^{-1} g`` is solved by
-Woodbury for ``mu`` (O(M p^2 + p^3)) and by Jacobi-preconditioned conjugate gradients for
-``(B, d)`` (O(M p^2) per iteration).
+The ``(Mp + M)^2`` Fisher block is never built: the ``(B, d)`` block is applied matrix-free,
+with ``Sigma^{-1} = D^{-2} - U U^T`` (Woodbury, ``U`` is ``M x p``) for large ``M`` and the
+explicit ``M x M`` precision for ``M <= 64``, where a few larger array operations cost less than
+many tiny ones.  The damped natural gradient ``(F + delta diag F)^{-1} g`` is solved by Woodbury
+(or a direct ``M x M`` solve) for ``mu`` (O(M p^2 + p^3)) and by Jacobi-preconditioned conjugate
+gradients for ``(B, d)`` (O(M p^2) per iteration with Woodbury).
 
-:class:`FactorGaussianFisher` works in the paper's coordinates ``(mu, B, d)``;
+:func:`paper_natural_gradient` returns it in the paper's coordinates ``(mu, B, d)``, optionally
+with only the lower triangle of ``B`` free, as the authors' code does and as
+:class:`~pyro_cavi.nghvi.NaturalGradientAdadelta` uses it by default;
 :func:`natural_gradient` maps to the parameters Pyro's
 :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal` actually stores,
 ``loc``, ``cov_factor = W`` and the unconstrained value ``u`` of ``scale = s = T(u)``, where
 ``B = diag(s) W`` and ``d = s``, and returns the exact damped natural gradient in those
-coordinates.
+coordinates (the optimiser's ``coordinates="guide"``).
 
 Cost.  The benchmark models have dim theta = 8 to 73, where a torch operation on such small
 tensors costs a few microseconds of dispatch, more than its arithmetic; a natural gradient is
-about 250 of them (5 to 6 CG iterations).  Every function here is therefore written once against
-the array operations torch and NumPy share, and :func:`natural_gradient` runs it in NumPy
-(float64) for CPU tensors with ``M (p + 1) <= numpy_max_size``, where an operation costs about a
-third as much, and in torch otherwise (large ``M``, GPU).
+about a hundred of them (5 to 6 CG iterations).  Every function here is therefore written once
+against the array operations torch and NumPy share, and the callers run it in NumPy (float64) for
+CPU tensors with ``M (p + 1) <= numpy_max_size``, where an operation costs about a third as much,
+and in torch otherwise (large ``M``, GPU).
 
 Reference: Zhang, Smith, Maneesoonthorn, Loaiza-Maya (2023), "Natural Gradient Hybrid
 Variational Inference with Application to Deep Mixed Models", arXiv:2302.13536, Section 3.

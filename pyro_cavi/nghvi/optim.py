@@ -49,6 +49,9 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
     sign (``Sigma`` depends on ``d^2``; the sign is kept in the optimiser state).  The guide's
     stored parameters are recovered after each step: ``loc = mu``, ``scale = T(u) = |d|``,
     ``cov_factor = B / |d|``; the gradients are pulled into ``(mu, B, d)`` by the chain rule.
+    Only when writing the scale back, ``|d_i|`` is kept at least ``eps^(1/3) ||B_i||`` of the
+    parameters' dtype (``5e-3 ||B_i||`` in float32): torch's ``LowRankMultivariateNormal``
+    factors ``I + W^T W``, which loses positive definiteness in float32 as ``d_i`` crosses zero.
     With ``coordinates="guide"`` every step acts directly on the stored ``(loc, cov_factor, u)``
     (all of ``cov_factor`` free) with the exact Fisher in those coordinates.
 
