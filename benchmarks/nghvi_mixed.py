@@ -12,7 +12,8 @@ Reports, per model: iterations and seconds until the smoothed ELBO is within 1 n
 plateau, mean seconds per step, posterior means/sds of the global parameters against MCMC, and
 test-set R^2 / log score; writes ELBO trace plots to benchmarks/results/nghvi_<model>*.png.
 Every variational method's final parameters are the average of its iterates over the last 10%
-of steps (the authors average the last 100).
+of steps (the authors average the last 100), in the coordinates (mu, B, |d|) of the low-rank
+Gaussian.
 
     python benchmarks/nghvi_mixed.py [--models lmm logistic deep] [--sigma2-a 1.0] [--steps 3000]
 
@@ -35,6 +36,7 @@ import torch
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+from torch.distributions import transform_to
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, init_to_feasible, init_to_value
 from pyro.optim import Adam
@@ -193,11 +195,23 @@ def _conditional(name):
     return PolyaGammaGibbs("alpha") if name == "logistic" else GaussianConditional("alpha")
 
 
+def _init_to_unconstrained(value):
+    """Every site at ``value`` in unconstrained space."""
+
+    def init(site):
+        fn = site["fn"]
+        return transform_to(fn.support)(torch.full(fn.shape(), value))
+
+    return init
+
+
 def _init_loc_fn(name, seed):
-    """Zero network weights give zero ReLU features and no gradient: start them at random values
-    (as the authors' code does); everything else at the unconstrained origin."""
+    """The linear and logistic models start at mu = 0.01 in unconstrained space (beta, log
+    sigma2), as the authors' code (``Hybrid_LMM_initialize.m``).  For the deep model, zero network
+    weights give zero ReLU features and no gradient: start them at random values (as the authors'
+    code does); everything else at the unconstrained origin."""
     if name != "deep":
-        return init_to_feasible
+        return _init_to_unconstrained(0.01)
     g = torch.Generator().manual_seed(seed)
     values = {"W1": 0.5 * torch.randn(5, 6, generator=g), "W2": 0.5 * torch.randn(5, 6, generator=g)}
     return init_to_value(values=values, fallback=init_to_feasible)
@@ -227,8 +241,8 @@ def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="p
             loss = svi.step(*args)
         seconds.append(time.perf_counter() - t0)
         if step >= average_from:  # iterate averaging over the last 10% of steps, as the paper does
-            for k, v in store._params.items():
-                sums[k] = sums.get(k, 0.0) + v.detach()
+            for k, v in _averaged_coordinates(store).items():
+                sums[k] = sums.get(k, 0.0) + v
         if name == "logistic" and method != "Pyro SVI":
             if step % eval_every == 0 or step == steps - 1:
                 iters.append(step)
@@ -236,10 +250,37 @@ def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="p
         else:
             iters.append(step)
             elbos.append(-loss)
-    with torch.no_grad():
-        for k, v in sums.items():
-            store._params[k].copy_(v / (steps - average_from))
+    _set_averaged_coordinates(store, {k: v / (steps - average_from) for k, v in sums.items()})
     return guide, np.array(iters), np.array(elbos), np.array(seconds)
+
+
+def _averaged_coordinates(store):
+    """The coordinates in which iterates are averaged: the paper's (mu, B, |d|) for a low-rank
+    Gaussian guide (``<prefix>.loc``, ``.cov_factor``, ``.scale``; the authors average mu, B and d),
+    the unconstrained value for any other parameter.  Averaging the stored cov_factor = B / d
+    instead would blow up whenever an iterate's d is near zero."""
+    out = {}
+    with torch.no_grad():
+        for k, v in store._params.items():
+            prefix, _, role = k.rpartition(".")
+            if role in ("cov_factor", "scale") and f"{prefix}.loc" in store._params:
+                s = store[f"{prefix}.scale"].detach()
+                out[k] = s[:, None] * v.detach() if role == "cov_factor" else s
+            else:
+                out[k] = v.detach().clone()
+    return out
+
+
+def _set_averaged_coordinates(store, means):
+    with torch.no_grad():
+        for k, v in means.items():
+            prefix, _, role = k.rpartition(".")
+            if role == "cov_factor" and f"{prefix}.loc" in store._params:
+                store._params[k].copy_(v / means[f"{prefix}.scale"][:, None])
+            elif role == "scale" and f"{prefix}.loc" in store._params:
+                store._params[k].copy_(transform_to(store._constraints[k]).inv(v))
+            else:
+                store._params[k].copy_(v)
 
 
 def smooth(values, window):

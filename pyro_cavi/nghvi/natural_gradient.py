@@ -8,25 +8,28 @@ block diagonal in ``(mu, (B, d))``::
     F_mu      = Sigma^{-1}
     F_(B,d)   = 1/2 J^T (Sigma^{-1} kron Sigma^{-1}) J,     J = d vec(Sigma) / d (vec B, d)
 
-Nothing here builds an ``M x M`` matrix, let alone the ``(Mp + M)^2`` Fisher block:
-``Sigma^{-1} = D^{-2} - U U^T`` (Woodbury, ``U`` is ``M x p``) and the ``(B, d)`` block is
-applied matrix-free.  The damped natural gradient ``(F + delta diag F)^{-1} g`` is solved by
-Woodbury for ``mu`` (O(M p^2 + p^3)) and by Jacobi-preconditioned conjugate gradients for
-``(B, d)`` (O(M p^2) per iteration).
+The ``(Mp + M)^2`` Fisher block is never built: the ``(B, d)`` block is applied matrix-free,
+with ``Sigma^{-1} = D^{-2} - U U^T`` (Woodbury, ``U`` is ``M x p``) for large ``M`` and the
+explicit ``M x M`` precision for ``M <= 64``, where a few larger array operations cost less than
+many tiny ones.  The damped natural gradient ``(F + delta diag F)^{-1} g`` is solved by Woodbury
+(or a direct ``M x M`` solve) for ``mu`` (O(M p^2 + p^3)) and by Jacobi-preconditioned conjugate
+gradients for ``(B, d)`` (O(M p^2) per iteration with Woodbury).
 
-:class:`FactorGaussianFisher` works in the paper's coordinates ``(mu, B, d)``;
+:func:`paper_natural_gradient` returns it in the paper's coordinates ``(mu, B, d)``, optionally
+with only the lower triangle of ``B`` free, as the authors' code does and as
+:class:`~pyro_cavi.nghvi.NaturalGradientAdadelta` uses it by default;
 :func:`natural_gradient` maps to the parameters Pyro's
 :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal` actually stores,
 ``loc``, ``cov_factor = W`` and the unconstrained value ``u`` of ``scale = s = T(u)``, where
 ``B = diag(s) W`` and ``d = s``, and returns the exact damped natural gradient in those
-coordinates.
+coordinates (the optimiser's ``coordinates="guide"``).
 
 Cost.  The benchmark models have dim theta = 8 to 73, where a torch operation on such small
 tensors costs a few microseconds of dispatch, more than its arithmetic; a natural gradient is
-about 250 of them (5 to 6 CG iterations).  Every function here is therefore written once against
-the array operations torch and NumPy share, and :func:`natural_gradient` runs it in NumPy
-(float64) for CPU tensors with ``M (p + 1) <= numpy_max_size``, where an operation costs about a
-third as much, and in torch otherwise (large ``M``, GPU).
+about a hundred of them (5 to 6 CG iterations).  Every function here is therefore written once
+against the array operations torch and NumPy share, and the callers run it in NumPy (float64) for
+CPU tensors with ``M (p + 1) <= numpy_max_size``, where an operation costs about a third as much,
+and in torch otherwise (large ``M``, GPU).
 
 Reference: Zhang, Smith, Maneesoonthorn, Loaiza-Maya (2023), "Natural Gradient Hybrid
 Variational Inference with Application to Deep Mixed Models", arXiv:2302.13536, Section 3.
@@ -79,16 +82,17 @@ def conjugate_gradient(
     rz = float(xp.vdot(r, z))
     iteration, rr = 0, rhs_norm**2
     for iteration in range(1, max_iter + 1):
-        a_direction = matvec(direction)
+        a_direction = matvec(direction)  # may be overwritten by the next call: used only here
         step = rz / float(xp.vdot(direction, a_direction))
-        x = x + step * direction
-        r = r - step * a_direction
+        x += step * direction
+        r -= step * a_direction
         rr = float(xp.vdot(r, r))
         if rr <= stop:
             break
         z = r * inv_pre if inv_pre is not None else r
         rz_new = float(xp.vdot(r, z))
-        direction = z + (rz_new / rz) * direction
+        direction *= rz_new / rz
+        direction += z
         rz = rz_new
     return CGResult(x, iteration, rr**0.5 / rhs_norm)
 
@@ -101,11 +105,16 @@ class FactorGaussianFisher:
     + 2 diag(d * v_d)`` and ``W = P dSigma P``; the ``(B, d)`` Fisher-vector product is
     ``(W B, d * diag(W))``, evaluated with ``P = D^{-2} - U U^T`` in O(M p^2).
 
+    For small ``M`` (``M <= dense_precision_max_dim``) the ``M x M`` precision ``P`` itself is
+    formed once (O(M^2 p)) and every product uses it: fewer, larger array operations, which is
+    what costs on tiny problems.  The ``(Mp + M)^2`` Fisher block is never formed.
+
     :param cov_factor: ``B``, shape ``(M, p)`` (a torch tensor or a NumPy array).
     :param cov_diag_sqrt: ``d``, shape ``(M,)``, nonzero.
+    :param dense_precision_max_dim: largest ``M`` for which ``P`` is formed explicitly.
     """
 
-    def __init__(self, cov_factor: Array, cov_diag_sqrt: Array):
+    def __init__(self, cov_factor: Array, cov_diag_sqrt: Array, dense_precision_max_dim: int = 64):
         if cov_factor.ndim != 2 or tuple(cov_diag_sqrt.shape) != tuple(cov_factor.shape[:1]):
             raise ValueError(
                 f"expected cov_factor of shape (M, p) and d of shape (M,), got "
@@ -117,29 +126,49 @@ class FactorGaussianFisher:
         self.B = cov_factor
         self.d = cov_diag_sqrt
         self.inv_d2 = 1.0 / (cov_diag_sqrt * cov_diag_sqrt)
-        p = cov_factor.shape[1]
-        inv_d2_B = cov_factor * self.inv_d2[:, None]
-        capacitance = xp.eye(p, dtype=cov_factor.dtype) + cov_factor.T @ inv_d2_B
-        chol = xp.linalg.cholesky(capacitance)
-        # U = D^{-2} B L^{-T}, so that P = D^{-2} - U U^T  (L is p x p: a general solve is as cheap)
-        self.U = xp.linalg.solve(chol, inv_d2_B.T).T
-        u2 = (self.U * self.U).sum(-1)
-        self.precision_diag = self.inv_d2 - u2
-        # diag(P diag(a) P) = a * (d^-4 - 2 d^-2 |u_i|^2) + u_i^T (U^T diag(a) U) u_i
-        self._diag_coef = self.inv_d2 * (self.inv_d2 - 2.0 * u2)
+        self._U = self._diag_coef_ = None
+        self.P = None
+        if cov_factor.shape[0] <= dense_precision_max_dim:
+            self.P = xp.linalg.inv(cov_factor @ cov_factor.T + xp.diag(cov_diag_sqrt * cov_diag_sqrt))
+            self.P2 = self.P * self.P  # P2 @ a = diag(P diag(a) P)
+            self.precision_diag = self.P.diagonal() * 1.0
+        else:
+            self.precision_diag = self.inv_d2 - (self.U * self.U).sum(-1)
         self.PB = self.precision_matmul(cov_factor)
         self.BtPB = cov_factor.T @ self.PB
 
+    @property
+    def U(self) -> Array:
+        """``U = D^{-2} B L^{-T}`` with ``L L^T = I + B^T D^{-2} B``, so that ``P = D^{-2} - U U^T``."""
+        if self._U is None:
+            xp, B = self.xp, self.B
+            inv_d2_B = B * self.inv_d2[:, None]
+            chol = xp.linalg.cholesky(xp.eye(B.shape[1], dtype=B.dtype) + B.T @ inv_d2_B)
+            self._U = xp.linalg.solve(chol, inv_d2_B.T).T  # L is p x p: a general solve is as cheap
+        return self._U
+
+    @property
+    def _diag_coef(self) -> Array:
+        """``d^-4 - 2 d^-2 |u_i|^2``: ``diag(P diag(a) P) = a * coef + u_i^T (U^T diag(a) U) u_i``."""
+        if self._diag_coef_ is None:
+            self._diag_coef_ = self.inv_d2 * (self.inv_d2 - 2.0 * (self.U * self.U).sum(-1))
+        return self._diag_coef_
+
     def precision_matmul(self, x: Array) -> Array:
         """``Sigma^{-1} x`` for ``x`` of shape ``(M,)`` or ``(M, k)``."""
+        if self.P is not None:
+            return self.P @ x
         if x.ndim == 1:
             return self.inv_d2 * x - self.U @ (self.U.T @ x)
         return self.inv_d2[:, None] * x - self.U @ (self.U.T @ x)
 
     # ---- mu block -------------------------------------------------------------------------
     def solve_loc(self, grad: Array, damping: float) -> Array:
-        """``(P + damping diag P)^{-1} grad`` by Woodbury: ``P + damping diag P = H - U U^T``."""
+        """``(P + damping diag P)^{-1} grad`` by Woodbury: ``P + damping diag P = H - U U^T``
+        (a direct ``M x M`` solve when ``P`` is formed)."""
         xp = self.xp
+        if self.P is not None:
+            return xp.linalg.solve(self.P + damping * xp.diag(self.precision_diag), grad)
         h = self.inv_d2 + damping * self.precision_diag
         inv_h_U = self.U / h[:, None]
         capacitance = xp.eye(self.U.shape[1], dtype=h.dtype) - self.U.T @ inv_h_U
@@ -152,6 +181,9 @@ class FactorGaussianFisher:
         """The ``(B, d)`` Fisher block applied to ``(v_B, v_d)``, without forming it."""
         a = 2.0 * self.d * v_d  # dSigma = v_B B^T + B v_B^T + diag(a)
         PV = self.precision_matmul(v_B)
+        if self.P is not None:
+            WB = self.P @ (a[:, None] * self.PB) + PV @ self.BtPB + self.PB @ (PV.T @ self.B)
+            return WB, self.d * (2.0 * (PV * self.PB).sum(-1) + self.P2 @ a)
         # P diag(a) P = diag(a / d^4) - D^{-2} diag(a) U U^T - U U^T diag(a) D^{-2} + U (U^T diag(a) U) U^T
         PaPB = self.precision_matmul(a[:, None] * self.PB)
         WB = PV @ self.BtPB + self.PB @ (PV.T @ self.B) + PaPB
@@ -274,3 +306,120 @@ def fisher_matvec(
     diag_s = fisher.precision_diag * (1.0 + (W * W).sum(-1)) + 1.0 / (s * s)
     diag = xp.concatenate([(s * s)[:, None] * diag_B, (t * t * diag_s)[:, None]], 1).reshape(-1)
     return fvp, diag
+
+
+class PaperNaturalGradient(NamedTuple):
+    loc: Array
+    cov_factor: Array
+    cov_diag_sqrt: Array
+    cg_iterations: int
+
+
+def paper_natural_gradient(
+    loc_grad: Array,
+    cov_factor: Array,
+    cov_factor_grad: Array,
+    cov_diag_sqrt: Array,
+    cov_diag_sqrt_grad: Array,
+    free: Array | None = None,
+    damping: float = 10.0,
+    cg_tol: float = 1e-6,
+    cg_max_iter: int = 100,
+    fisher: str = "exact",
+    dense_precision_max_dim: int = 64,
+) -> PaperNaturalGradient:
+    """
+    Damped natural gradient ``(F + damping * diag F)^{-1} g`` in the paper's coordinates
+    ``(mu, B, d)`` of ``N(mu, B B^T + diag(d)^2)``, with only the entries of ``B`` where ``free``
+    is true as parameters (the others are held fixed): the authors' code (Zhang et al. 2023,
+    ``Hessian_ong_deepglmm.m``) keeps ``B`` lower triangular and removes the entries above the
+    diagonal from the Fisher system and the gradient.  ``F`` is the exact Fisher information
+    restricted to ``(mu, B[free], d)``; the ``(B, d)`` block is solved by Jacobi-preconditioned
+    conjugate gradients on :meth:`FactorGaussianFisher.fisher_vp` (matrix-free, O(M p^2) per
+    iteration), the ``mu`` block by Woodbury.
+
+    ``fisher="authors"`` replaces the ``(B, B)`` part of the block by the authors' approximation
+    ``2 (B^T P B) kron P`` (their ``G22``; the exact part is ``(B^T P B) kron P`` plus a
+    commutation term), keeping the exact ``(B, d)`` and ``(d, d)`` parts as they do; it is there
+    for comparison only (the issue asks for the exact Fisher).
+
+    Arrays are torch tensors or NumPy arrays (all of one kind); ``free`` is a boolean
+    ``(M, p)`` array (default: all entries free).  The returned ``cov_factor`` is zero where
+    ``free`` is false.  ``dense_precision_max_dim``: see :class:`FactorGaussianFisher`.
+    """
+    M, p = cov_factor.shape
+    xp = _xp(cov_factor)
+    if fisher not in ("exact", "authors"):
+        raise ValueError(f"fisher must be 'exact' or 'authors', got {fisher!r}")
+    authors = fisher == "authors"
+    fisher = FactorGaussianFisher(cov_factor, cov_diag_sqrt, dense_precision_max_dim)
+    ng_loc = fisher.solve_loc(loc_grad, damping)
+    diag_B, diag_d = fisher.fisher_diag()
+    if authors:
+        diag_B = 2.0 * fisher.precision_diag[:, None] * fisher.BtPB.diagonal()
+    diag = xp.concatenate([diag_B, diag_d[:, None]], 1)
+    rhs = xp.concatenate([cov_factor_grad, cov_diag_sqrt_grad[:, None]], 1)
+    if free is None:
+        mask = None
+        preconditioner = (1.0 + damping) * diag
+    else:
+        mask = xp.concatenate([free, xp.ones_like(free[:, :1])], 1)
+        rhs = xp.where(mask, rhs, 0.0 * rhs)
+        # entries held fixed have zero right-hand side and a zero row: CG never moves them
+        preconditioner = xp.where(mask, (1.0 + damping) * diag, 1.0 + 0.0 * diag)
+        mask = mask * 1.0
+    result = conjugate_gradient(
+        _damped_bd_operator(fisher, damping * diag, mask, authors), rhs.reshape(-1), preconditioner.reshape(-1), tol=cg_tol, max_iter=cg_max_iter
+    )
+    x = result.solution.reshape(M, p + 1)
+    return PaperNaturalGradient(ng_loc, x[:, :p], x[:, p], result.num_iterations)
+
+
+def _damped_bd_operator(
+    fisher: FactorGaussianFisher, damped_diag: Array, mask: Array | None, authors: bool = False
+) -> Callable[[Array], Array]:
+    """``v -> mask * (F_(B,d) v) + damped_diag * v`` on vectors in the flattened ``(M, p + 1)``
+    layout ``[V_B | v_d]``, written into one preallocated output (``authors``: the authors'
+    ``(B, B)`` part ``2 (B^T P B) kron P``, see :func:`paper_natural_gradient`)."""
+    B, d, PB, BtPB, P = fisher.B, fisher.d, fisher.PB, fisher.BtPB, fisher.P
+    M, p = B.shape
+    xp = fisher.xp
+    out = xp.zeros_like(damped_diag)
+    two_d = 2.0 * d
+    if authors:
+
+        def bd_product(V: Array) -> None:
+            a = two_d * V[:, p]
+            out[:, :p] = 2.0 * (fisher.precision_matmul(V[:, :p]) @ BtPB) + fisher.precision_matmul(a[:, None] * PB)
+            out[:, p] = fisher.fisher_vp(V[:, :p], V[:, p])[1]  # the d rows are exact in both
+
+    elif P is None:
+
+        def bd_product(V: Array) -> None:
+            g_B, g_d = fisher.fisher_vp(V[:, :p], V[:, p])
+            out[:, :p] = g_B
+            out[:, p] = g_d
+
+    else:
+        # the dense-P branch of fisher_vp with the d-scalings folded into constants:
+        # P diag(2 d v_d) P B = P (v_d * 2 d P B),  d * diag(P diag(2 d v_d) P) = (d P2 2d) v_d,
+        # PV^T B = V_B^T P B
+        PB_2d = two_d[:, None] * PB
+        dP2d = (d[:, None] * fisher.P2) * two_d
+
+        def bd_product(V: Array) -> None:
+            v_d = V[:, p]
+            V_B = V[:, :p]
+            PV = P @ V_B
+            out[:, :p] = P @ (v_d[:, None] * PB_2d) + PV @ BtPB + PB @ (V_B.T @ PB)
+            out[:, p] = (PV * PB_2d).sum(-1) + dP2d @ v_d
+
+    def matvec(vector: Array) -> Array:  # returns a view of ``out``, overwritten by the next call
+        V = vector.reshape(M, p + 1)
+        bd_product(V)
+        if mask is not None:
+            out.__imul__(mask)
+        out.__iadd__(damped_diag * V)
+        return out.reshape(-1)
+
+    return matvec

@@ -8,6 +8,7 @@ from __future__ import annotations
 import warnings
 from typing import Iterable
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.distributions import transform_to
@@ -17,7 +18,7 @@ from pyro.distributions import constraints
 from pyro.optim import PyroOptim
 from pyro.optim.optim import _load_state_dict
 
-from .natural_gradient import natural_gradient
+from .natural_gradient import natural_gradient, paper_natural_gradient
 
 _ROLES = ("loc", "cov_factor", "scale")
 
@@ -38,9 +39,31 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
 
     With ``natural_gradient=False`` step 1 is the identity (SG-HVI).
 
+    Coordinates.  ADADELTA and momentum act coordinate by coordinate and the damping
+    ``delta diag F`` depends on the coordinates, so the coordinates in which these steps run
+    change the algorithm.  With ``coordinates="paper"`` (the default) they run, as in the
+    authors' code (``Hessian_ong_deepglmm.m``, ``adadelta_norestrict.m``), on the paper's
+    ``(mu, B, d)`` with ``Sigma = B B^T + diag(d)^2`` and ``B`` lower triangular (entries above
+    the diagonal are not parameters: they get no gradient and keep their values, zero from
+    :class:`~pyro_cavi.nghvi.HybridGuide`'s start); ``d`` is updated additively and may change
+    sign (``Sigma`` depends on ``d^2``; the sign is kept in the optimiser state).  The guide's
+    stored parameters are recovered after each step: ``loc = mu``, ``scale = T(u) = |d|``,
+    ``cov_factor = B / |d|``; the gradients are pulled into ``(mu, B, d)`` by the chain rule.
+    Only when writing the scale back, ``|d_i|`` is kept at least ``eps^(1/3) ||B_i||`` of the
+    parameters' dtype (``5e-3 ||B_i||`` in float32): torch's ``LowRankMultivariateNormal``
+    factors ``I + W^T W``, which loses positive definiteness in float32 as ``d_i`` crosses zero.
+    With ``coordinates="guide"`` every step acts directly on the stored ``(loc, cov_factor, u)``
+    (all of ``cov_factor`` free) with the exact Fisher in those coordinates.
+
     :param params: exactly ``[loc, cov_factor, scale_unconstrained]``.
     :param scale_transform: the transform ``T`` with ``scale = T(u)`` (e.g.
         ``transform_to(constraints.softplus_positive)``).
+    :param coordinates: ``"paper"`` or ``"guide"``, see above.
+    :param fisher: ``"exact"`` (default) or ``"authors"``: the authors' approximate ``(B, B)``
+        Fisher block (``"paper"`` coordinates only; see
+        :func:`~pyro_cavi.nghvi.natural_gradient.paper_natural_gradient`), for comparison.
+    :param numpy_max_size: in ``"paper"`` coordinates, CPU problems with ``M (p + 1)`` up to this
+        size run in NumPy float64 (state kept in float64 tensors), larger ones in torch.
     """
 
     def __init__(
@@ -55,6 +78,9 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         natural_gradient: bool = True,
         cg_tol: float = 1e-6,
         cg_max_iter: int = 100,
+        coordinates: str = "paper",
+        numpy_max_size: int = 20000,
+        fisher: str = "exact",
     ):
         params = list(params)
         if len(params) != 3:
@@ -77,6 +103,10 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
             raise ValueError(f"eps must be > 0, got {eps}")
         if clip_norm is not None and clip_norm <= 0:
             raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
+        if coordinates not in ("paper", "guide"):
+            raise ValueError(f"coordinates must be 'paper' or 'guide', got {coordinates!r}")
+        if fisher not in ("exact", "authors") or (fisher == "authors" and coordinates != "paper"):
+            raise ValueError(f"fisher must be 'exact', or 'authors' with coordinates='paper', got {fisher!r}")
         defaults = dict(
             damping=damping,
             momentum=momentum,
@@ -86,6 +116,9 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
             natural_gradient=natural_gradient,
             cg_tol=cg_tol,
             cg_max_iter=cg_max_iter,
+            coordinates=coordinates,
+            numpy_max_size=numpy_max_size,
+            fisher=fisher,
         )
         super().__init__([{"params": params}], defaults)
         self.scale_transform = scale_transform
@@ -113,6 +146,117 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         self.last_cg_iterations = ng.cg_iterations
         return [ng.loc, ng.cov_factor, ng.scale_unconstrained]
 
+    # ---- the paper's coordinates (mu, B lower triangular, d) --------------------------------
+    _BUFFERS = ("momentum_buffer", "square_avg", "acc_delta")
+
+    def _paper_buffers(self, group: dict, dtype: torch.dtype) -> list[dict]:
+        params = group["params"]
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            for key in self._BUFFERS:
+                if key not in st:
+                    st[key] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                elif st[key].dtype != dtype:
+                    st[key] = st[key].to(dtype)
+        u_state = states[2]
+        if "sign" not in u_state:
+            u_state["sign"] = torch.ones(params[2].shape, dtype=dtype, device=params[2].device)
+        elif u_state["sign"].dtype != dtype:
+            u_state["sign"] = u_state["sign"].to(dtype)
+        return states
+
+    def _paper_step(self, group: dict) -> None:
+        loc, W_param, u_param = group["params"]
+        M, p = W_param.shape
+        use_numpy = W_param.device.type == "cpu" and M * (p + 1) <= group["numpy_max_size"]
+        dtype = torch.float64 if use_numpy else W_param.dtype
+        states = self._paper_buffers(group, dtype)
+        transform = self.scale_transform
+        s_t = transform(u_param)
+        t_t = transform.log_abs_det_jacobian(u_param, s_t).exp()  # ds/du
+        grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in group["params"]]
+        if use_numpy:
+            xp = np
+
+            def arr(x: Tensor):
+                return x.detach().numpy().astype(np.float64)
+
+            def view(x: Tensor):
+                return x.numpy()
+
+            free = np.tri(M, p, dtype=bool)
+        else:
+            xp = torch
+
+            def arr(x: Tensor):
+                return x.detach()
+
+            view = arr
+            free = torch.ones(M, p, dtype=torch.bool, device=W_param.device).tril()
+        mu, W, s, t = arr(loc), arr(W_param), arr(s_t), arr(t_t)
+        g_loc, g_W, g_u = (arr(g) for g in grads)
+        sign = view(states[2]["sign"])
+        # (loc, W, u) -> (mu, B, d): B = s W, d = sign * s, s = T(u); chain rule for the gradient
+        d = sign * s
+        B = s[:, None] * W
+        g_B = xp.where(free, g_W / s[:, None], 0.0 * g_W)
+        g_d = sign * (g_u / t - (g_W * W).sum(-1) / s)
+        if group["natural_gradient"]:
+            ng = paper_natural_gradient(
+                g_loc,
+                B,
+                g_B,
+                d,
+                g_d,
+                free,
+                damping=group["damping"],
+                cg_tol=group["cg_tol"],
+                cg_max_iter=group["cg_max_iter"],
+                fisher=group["fisher"],
+            )
+            direction = [ng.loc, ng.cov_factor, ng.cov_diag_sqrt]
+            self.last_cg_iterations = ng.cg_iterations
+        else:
+            direction = [g_loc, g_B, g_d]
+        if group["clip_norm"] is not None:
+            norm = float(sum(float((x * x).sum()) for x in direction)) ** 0.5
+            if norm > group["clip_norm"]:
+                factor = group["clip_norm"] / norm
+                direction = [x * factor for x in direction]
+        rho, eps, m = group["rho"], group["eps"], group["momentum"]
+        new = []
+        for x, st, g in zip((mu, B, d), states, direction):
+            if m:
+                buf = view(st["momentum_buffer"])
+                buf *= m
+                buf += (1.0 - m) * g
+            else:
+                buf = g
+            square_avg, acc_delta = view(st["square_avg"]), view(st["acc_delta"])
+            square_avg *= rho
+            square_avg += (1.0 - rho) * buf * buf
+            delta = xp.sqrt(acc_delta + eps) / xp.sqrt(square_avg + eps) * buf
+            acc_delta *= rho
+            acc_delta += (1.0 - rho) * delta * delta
+            new.append(x - delta)
+        mu, B, d = new
+        sign[...] = xp.where(d < 0, -1.0, 1.0)
+        # The guide stores W = B / |d| in its own dtype, and torch's LowRankMultivariateNormal
+        # factors I + W^T W: as d_i crosses zero (the authors' additive update lets it) that
+        # matrix loses positive definiteness in float32.  Keep |d_i| >= eps^(1/3) ||B_i||
+        # (5e-3 ||B_i|| in float32, 6e-6 in float64): a change of at most 2.4e-5 (float32)
+        # of the row's variance, only while |d_i| is inside that band.
+        floor = torch.finfo(u_param.dtype).eps ** (1.0 / 3.0) * xp.sqrt((B * B).sum(-1))
+        s = xp.maximum(xp.abs(d), floor)
+        if not bool((s > 0).all()):
+            raise ValueError("NG-HVI: a row of Sigma = B B^T + D^2 became zero (d_i = 0 and B_i = 0)")
+        W = B / s[:, None]
+        if use_numpy:
+            mu, W, s = (torch.from_numpy(x) for x in (mu, W, s))
+        loc.copy_(mu)
+        W_param.copy_(W)
+        u_param.copy_(transform.inv(s.to(u_param.dtype)))
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -122,6 +266,9 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         for group in self.param_groups:
             params = group["params"]
             if all(p.grad is None for p in params):
+                continue
+            if group["coordinates"] == "paper":
+                self._paper_step(group)
                 continue
             direction = self._direction(group)
             if group["clip_norm"] is not None:
@@ -165,7 +312,9 @@ class NGHVIOptim(PyroOptim):
     every :class:`~pyro.infer.autoguide.AutoLowRankMultivariateNormal` (any three parameters
     named ``<prefix>.loc``, ``<prefix>.cov_factor``, ``<prefix>.scale``), and plain ADADELTA
     (``lr=1``) on any other parameter.  Defaults are the paper's: damping 10, momentum 0.6,
-    ADADELTA ``rho=0.95``, ``eps=1e-6``, clipping the natural gradient's norm at 50.
+    ADADELTA ``rho=0.95``, ``eps=1e-6``, clipping the natural gradient's norm at 50, all in the
+    paper's coordinates ``(mu, B lower triangular, d)`` (``coordinates="paper"``, see
+    :class:`NaturalGradientAdadelta`).
 
     Usage::
 
@@ -184,6 +333,8 @@ class NGHVIOptim(PyroOptim):
         natural_gradient: bool = True,
         cg_tol: float = 1e-6,
         cg_max_iter: int = 100,
+        coordinates: str = "paper",
+        fisher: str = "exact",
     ):
         optim_args = dict(
             damping=damping,
@@ -194,6 +345,8 @@ class NGHVIOptim(PyroOptim):
             natural_gradient=natural_gradient,
             cg_tol=cg_tol,
             cg_max_iter=cg_max_iter,
+            coordinates=coordinates,
+            fisher=fisher,
         )
         super().__init__(NaturalGradientAdadelta, optim_args)
         self._grouped: dict[Tensor, Tensor] = {}  # member param -> key param (the loc)
@@ -245,9 +398,11 @@ class NGHVIOptim(PyroOptim):
                 self.optim_objs[key].step(*args, **kwargs)
 
 
-def SGHVIOptim(rho: float = 0.95, eps: float = 1e-6) -> NGHVIOptim:
+def SGHVIOptim(rho: float = 0.95, eps: float = 1e-6, coordinates: str = "paper") -> NGHVIOptim:
     """
     The SG-HVI baseline of Zhang et al. (2023): ADADELTA on the ordinary gradient of the same
-    hybrid objective, no natural gradient, momentum or clipping (as in the authors' code).
+    hybrid objective, no natural gradient, momentum or clipping, in the same coordinates as
+    NG-HVI (by default the paper's ``(mu, B lower triangular, d)``), as in the authors' code
+    (``hybrid_lmm_train.m`` with ``SGA = 1``, ``adadelta_norestrict.m``).
     """
-    return NGHVIOptim(natural_gradient=False, momentum=0.0, clip_norm=None, rho=rho, eps=eps)
+    return NGHVIOptim(natural_gradient=False, momentum=0.0, clip_norm=None, rho=rho, eps=eps, coordinates=coordinates)
