@@ -47,6 +47,57 @@ def stick_uniform_bias(num_categories: int, dtype=None) -> torch.Tensor:
     return -torch.log(torch.arange(num_categories - 1, 0, -1, dtype=dtype or torch.get_default_dtype()))
 
 
+def _prior_locs(D: int, K: int, L: int, h: int, dtype, zero_mean: bool = False):
+    """Prior means of the gating (K−1, D+1) and output (L−1, h+1) weights: zero but for the
+    uniform-prior stick biases (:func:`stick_uniform_bias`); all zero for ``zero_mean``."""
+    gate_loc = torch.cat([torch.zeros(K - 1, D, dtype=dtype), stick_uniform_bias(K, dtype).unsqueeze(-1)], -1)
+    out_loc = torch.cat([torch.zeros(L - 1, h, dtype=dtype), stick_uniform_bias(L, dtype).unsqueeze(-1)], -1)
+    if zero_mean:  # the earlier zero-mean model
+        gate_loc, out_loc = torch.zeros_like(gate_loc), torch.zeros_like(out_loc)
+    return gate_loc, out_loc
+
+
+def authors_init(num_classes: int, hidden: int | None = None, precision_shape: float = 2.0,
+                 precision_rate: float = 1.0, prior_scale: float | None = None, posterior_precision: float = 1e2,
+                 **_):
+    """The authors' starting posterior (VersesTech/cavi-cmn), as ``CAVI(init=...)``:
+
+    * gating Γ and output B: mean at the prior mean, covariance ``posterior_precision⁻¹·I``
+      (their ``init_posterior_scale = 1e2``, ``sample_initial_betas = False``);
+    * experts: rows of A with mean Uniform(−3s, 3s), s = scale/√(D+1) (scale² = the Gamma prior's
+      rate, their ``scale_likelihood``), column covariance V = I and precisions γ ~ Gamma(2, 1)
+      (their ``a = 2, b = 1``); mean-field q(A) gets covariance I / E[γ];
+    * then the E-step first: the fit starts by updating the assignments z and hidden units x1
+      (or the joint q(z) q(x1 | z)) from these parameters, as their ``fit_vmp`` starts with a
+      forward pass and a backward smoothing pass before the first parameter update.
+    """
+
+    def init(cavi, generator):
+        f = cavi.factors
+        dtype, device = cavi.dtype, cavi.device
+        gate_f, out_f = f["gate"], f["out"]
+        K, Dt = gate_f.loc.shape[0] + 1, gate_f.loc.shape[-1]
+        L = num_classes
+        h = hidden or L - 1
+        gate_loc, out_loc = _prior_locs(Dt - 1, K, L, h, dtype, zero_mean=prior_scale is not None)
+        for fac, loc in ((gate_f, gate_loc), (out_f, out_loc)):
+            eye = torch.eye(loc.shape[-1], dtype=dtype, device=device) * posterior_precision ** -0.5
+            fac.set(loc.to(device), eye.expand(loc.shape[:-1] + eye.shape).clone())
+        s = precision_rate ** 0.5 / Dt ** 0.5
+        eye = torch.eye(Dt, dtype=dtype, device=device)
+        conc = torch.full((K, h), 2.0, dtype=dtype, device=device)
+        rate = torch.ones(K, h, dtype=dtype, device=device)
+        loc = ((torch.rand(K * h, Dt, generator=generator, dtype=torch.float64) * 2 - 1) * 3 * s).to(dtype).to(device)
+        if "A+prec" in f:  # joint Normal-Gamma experts: scale_tril is that of V (τ = 1)
+            f["A+prec"].set(loc, eye.expand(K * h, Dt, Dt).clone(), conc.reshape(-1), rate.reshape(-1))
+        else:
+            f["prec"].set(conc, rate)
+            f["A"].set(loc, (eye * (rate / conc).sqrt().reshape(-1, 1, 1)).clone())
+        return ["z+x1"] if "z+x1" in f else ["z", "x1"]
+
+    return init
+
+
 def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden: int | None = None,
         gate_scale: float = 5.0, out_scale: float = 5.0, expert_prior_prec: float = 0.1,
         precision_shape: float = 2.0, precision_rate: float = 1.0, normal_gamma: bool = True,
@@ -84,10 +135,7 @@ def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden
         gate_scale = out_scale = prior_scale
         normal_gamma, expert_prior_prec = False, prior_scale ** -2.0
     zero = torch.zeros(D + 1, dtype=dtype)
-    gate_loc = torch.cat([torch.zeros(K - 1, D, dtype=dtype), stick_uniform_bias(K, dtype).unsqueeze(-1)], -1)
-    out_loc = torch.cat([torch.zeros(L - 1, h, dtype=dtype), stick_uniform_bias(L, dtype).unsqueeze(-1)], -1)
-    if prior_scale is not None:  # the earlier zero-mean model
-        gate_loc, out_loc = torch.zeros_like(gate_loc), torch.zeros_like(out_loc)
+    gate_loc, out_loc = _prior_locs(D, K, L, h, dtype, zero_mean=prior_scale is not None)
     with pyro.plate("gate_sticks", K - 1):
         gate = pyro.sample("gate", dist.Normal(gate_loc, gate_scale).to_event(1))
     # rows of each expert's matrix are independent a posteriori (the likelihood has a diagonal
@@ -108,7 +156,8 @@ def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden
 
 
 def fit_cavi(X, y, num_experts: int = 20, num_steps: int = 200, tol: float = 1e-6, seed: int = 0,
-             joint_experts: bool = False, structured_hidden: bool = False, num_restarts: int = 1, **kwargs):
+             joint_experts: bool = False, structured_hidden: bool = False, num_restarts: int = 1,
+             init: str = "forgy", **kwargs):
     """Fit a CMN by CAVI; returns the engine (its ``posterior`` holds every factor).
 
     ``joint_experts=True`` fits each expert row and its precision with one Normal-Gamma factor
@@ -117,11 +166,19 @@ def fit_cavi(X, y, num_experts: int = 20, num_steps: int = 200, tol: float = 1e-
     assignment and hidden vector with one factor q(z_n) q(x1_n | z_n), a Gaussian per expert
     (``joint=[("z", "x1")]``), as the authors do; the default is mean-field q(z_n) q(x1_n).
     ``num_restarts > 1`` sweeps that many initialisations together (vectorised) and keeps the
-    best ELBO; ``cavi.restart_fits()`` gives all of them."""
+    best ELBO; ``cavi.restart_fits()`` gives all of them.
+
+    ``init="forgy"`` (default): random Gaussian means, experts seeded from random data points;
+    ``init="authors"``: the authors' start (:func:`authors_init`): Γ and B tight at their prior
+    means, random experts, and the assignments fitted to these first."""
+    if init not in ("forgy", "authors"):
+        raise ValueError(f"fit_cavi: init must be 'forgy' or 'authors', got {init!r}")
     # experts start from random data points (Forgy); k-means++ seeding over-fits the experts'
     # precisions to single points before the hidden layer has settled
     joint = ([("A", "prec")] if joint_experts else []) + ([("z", "x1")] if structured_hidden else [])
-    cavi = CAVI(lambda X, y: cmn(X, y, num_experts=num_experts, **kwargs), seed=seed, init="forgy", joint=joint,
+    if init == "authors":
+        init = authors_init(**{**kwargs, "num_classes": kwargs.get("num_classes") or int(y.max()) + 1})
+    cavi = CAVI(lambda X, y: cmn(X, y, num_experts=num_experts, **kwargs), seed=seed, init=init, joint=joint,
                 num_restarts=num_restarts)
     cavi.run(X, y, num_steps=num_steps, tol=tol, progress=False)
     return cavi

@@ -223,3 +223,86 @@ def test_output_bound_is_a_tight_lower_bound_on_the_marginal_class_probability()
             exact = torch.logsumexp(log_lik + dens.unsqueeze(-1), 0) + dx.log()
             assert (bound[n, k] <= exact + 1e-6).all(), (bound[n, k], exact)
             assert (bound[n, k] >= exact - 0.05).all(), (bound[n, k], exact)
+
+
+def _authors_engine(X, y, K, **kwargs):
+    init = cmn.authors_init(num_classes=int(y.max()) + 1, **kwargs)
+    cavi = CAVI(lambda X, y: cmn.cmn(X, y, num_experts=K), seed=0, init=init,
+                joint=[("A", "prec")] if kwargs.pop("joint_experts", False) else [])
+    with torch.no_grad():
+        cavi._prepare((X, y), {})
+        cavi._ensure_initialised()
+    return cavi
+
+
+def test_cmn_authors_init_sets_their_start_and_updates_z_first():
+    """init="authors" (VersesTech/cavi-cmn): before any sweep Γ and B sit at the prior mean with
+    covariance 1e-2·I, the experts' rows have means in ±3/√(D+1) (not all equal), γ ~ Gamma(2, 1),
+    A's covariance is I / E[γ]; and q(z) has been updated from these, with q(x1) still at its
+    default N(0, I) (q(x1) is updated after it): log r_nk written out by hand as in the gating
+    test above."""
+    X, y = cmn.pinwheels(12, seed=3)  # 60 points, 5 classes
+    X = (X - X.mean(0)) / X.std(0)
+    K, L = 4, 5
+    cavi = _authors_engine(X, y, K)
+    Xt = torch.cat([X, torch.ones(len(X), 1)], -1)
+    D1 = Xt.shape[1]
+    q = cavi.posterior
+    gate_loc = torch.zeros(K - 1, D1)
+    gate_loc[:, -1] = cmn.stick_uniform_bias(K)
+    out_loc = torch.zeros(L - 1, L)
+    out_loc[:, -1] = cmn.stick_uniform_bias(L)
+    for site, loc in (("gate", gate_loc), ("out", out_loc)):
+        assert torch.allclose(q[site].mean, loc, atol=1e-12)
+        assert torch.allclose(q[site].covariance_matrix, 1e-2 * torch.eye(loc.shape[-1]).expand(loc.shape[:-1] + (loc.shape[-1],) * 2))
+    mA = q["A"].mean
+    assert mA.shape == (K, L - 1, D1) and mA.abs().max() <= 3 / D1 ** 0.5 and mA.std() > 0.3 / D1 ** 0.5
+    assert torch.allclose(q["prec"].concentration, torch.full((K, L - 1), 2.0))
+    assert torch.allclose(q["prec"].rate, torch.ones(K, L - 1))
+    assert torch.allclose(q["A"].covariance_matrix, 0.5 * torch.eye(D1).expand(K, L - 1, D1, D1))
+    # q(z) from these parameters, the Pólya-Gamma factor refitted first at the default (uniform)
+    # q(z): E[ω_nj] = tanh(c/2)/(2c), c² = P(z_n >= j) E[ψ_nj²]
+    Epsi = Xt @ gate_loc.T
+    Epsi2 = Epsi ** 2 + 1e-2 * (Xt ** 2).sum(-1, keepdim=True)
+    pg_mean = lambda c: torch.tanh(c / 2) / (2 * c)
+    Eomega = pg_mean((Epsi2 * (K - torch.arange(K - 1.0)) / K).sqrt())
+    gate_term = torch.zeros(len(X), K)
+    for k in range(K):
+        for j in range(min(k + 1, K - 1)):
+            gate_term[:, k] += -0.5 * Eomega[:, j] * Epsi2[:, j] - torch.log(torch.tensor(2.0)) \
+                + ((1.0 if j == k else 0.0) - 0.5) * Epsi[:, j]
+    EAA = 0.5 * torch.eye(D1) + mA.unsqueeze(-1) * mA.unsqueeze(-2)
+    resid = 1.0 + torch.einsum("nd,khde,ne->nkh", Xt, EAA, Xt)  # E(x1 − A x̃)² with x1 ~ N(0, 1)
+    expert_term = (0.5 * (torch.digamma(torch.tensor(2.0))) - torch.log(torch.tensor(2 * torch.pi)) / 2 - resid).sum(-1)
+    r = q["z"].probs
+    assert torch.allclose(r, torch.softmax(gate_term + expert_term, -1), rtol=1e-7, atol=1e-12)
+    # and refitted again, at the new q(z), before q(x1)
+    reach = r.flip(-1).cumsum(-1).flip(-1)[:, : K - 1]
+    assert torch.allclose(cavi.factors["z.omega"].mean_params[0], pg_mean((reach * Epsi2).sqrt()), rtol=1e-9)
+
+
+def test_cmn_authors_init_joint_experts_and_bad_input():
+    X, y = cmn.pinwheels(8, seed=1)
+    X = (X - X.mean(0)) / X.std(0)
+    cavi = _authors_engine(X, y, 3, joint_experts=True)
+    f = cavi.factors["A+prec"]  # Normal-Gamma: V = I, a = 2, b = 1
+    assert torch.allclose(f.scale_tril, torch.eye(3).expand(12, 3, 3)) and torch.allclose(f.concentration, torch.full((12,), 2.0))
+    assert torch.allclose(f.rate, torch.ones(12)) and f.loc.abs().max() <= 3 / 3 ** 0.5
+    with pytest.raises(ValueError, match="init must be 'forgy' or 'authors'"):
+        cmn.fit_cavi(X, y, num_experts=3, init="kmeans")
+    with pytest.raises(ValueError, match="'w', which is not a factor"):
+        fit(CAVI(lambda X, y: cmn.cmn(X, y, num_experts=3), init=lambda cavi, gen: ["w"]), X, y, num_steps=1)
+    with pytest.raises(ValueError, match="a callable init"):
+        CAVI(lambda X, y: cmn.cmn(X, y), init="random")
+
+
+def test_cmn_authors_init_elbo_never_decreases_and_learns():
+    X, y = cmn.pinwheels(60, seed=0)  # 300 points, 5 classes
+    X = (X - X.mean(0)) / X.std(0)
+    Xtr, ytr, Xte, yte = X[:150], y[:150], X[150:], y[150:]
+    cavi = _authors_engine(Xtr, ytr, 5)
+    start = -cavi.evaluate_loss(Xtr, ytr)
+    losses = fit(cavi, Xtr, ytr, num_steps=60, tol=1e-8)
+    assert -losses[0] >= start
+    p = cmn.predict_proba(cavi, Xte, num_samples=100)
+    assert (p.argmax(-1) == yte).double().mean() > 0.6  # chance is 0.2

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -102,7 +102,15 @@ class CAVI:
         (gradients with respect to global mean parameters) of the sharded sites are summed by
         an all-reduce, so every process applies the same global update. Sites outside the
         plate (priors of global latents) must be identical on every process.
-    :param init: how discrete sites are seeded: ``"kmeans++"`` (default) or ``"forgy"``.
+    :param init: how the fit starts: ``"kmeans++"`` (default) or ``"forgy"`` seed the discrete
+        sites from data points (see :meth:`_initialise`); or a callable
+        ``init(cavi, generator) -> names`` that sets the starting factors itself. It is called
+        once the model is traced (and again for every restart), with every factor at its default
+        value and ``generator`` the engine's seeded ``torch.Generator`` (``None`` without
+        ``seed``: Pyro's global RNG); it sets factors through ``cavi.factors[name].set(...)`` and
+        returns the names of factors (keys of ``cavi.factors``) to update first, in that order,
+        each after a refit of the augmentation (Pólya-Gamma) factors. Returning the local latents
+        makes the fit start with an E-step from the parameters it set, as EM does.
     :param joint: groups of latent sites fitted with one joint factor (structured mean-field):
         Gaussian sites with one joint Gaussian factor, e.g. ``joint=[("intercept", "slope", "u")]``
         (exact for jointly Gaussian posteriors, far fewer sweeps when the sites are correlated a
@@ -123,10 +131,10 @@ class CAVI:
 
     def __init__(self, model, *, seed: Optional[int] = None, num_restarts: int = 1,
                  batch_restarts: Optional[bool] = None,
-                 joint: Sequence[Sequence[str]] = (), init: str = "kmeans++",
+                 joint: Sequence[Sequence[str]] = (), init: Union[str, Callable] = "kmeans++",
                  step_size: tuple = (1.0, 0.7), local_iters: int = 3, shard_plate: Optional[str] = None):
-        if init not in ("kmeans++", "forgy"):
-            raise ValueError(f"init must be 'kmeans++' or 'forgy', got {init!r}")
+        if not callable(init) and init not in ("kmeans++", "forgy"):
+            raise ValueError(f"init must be 'kmeans++', 'forgy' or a callable init(cavi, generator), got {init!r}")
         self.init = init
         tau, kappa = step_size
         if tau < 0 or not 0 <= kappa <= 1:
@@ -593,6 +601,9 @@ class CAVI:
         the seeds alone, and the discrete factors to them.
         """
         gen = self._generator
+        if callable(self.init):
+            self._initialise_with(self.init, gen)
+            return
         # random means for Gaussian factors break the symmetry of bilinear terms (x1 @ B = 0 is a
         # saddle point of mean-field CAVI); conjugate models converge from anywhere
         for name, f in self.factors.items():
@@ -616,6 +627,22 @@ class CAVI:
             self._update_continuous(seeding=True)
             for name in discrete:
                 self._update(self._group_of.get(name, name))
+        self._initialised = True
+
+    def _initialise_with(self, init: Callable, gen) -> None:
+        """A user's initialiser (``CAVI(init=callable)``): it sets the factors, then the factors it
+        names are updated in its order, each after the augmentation factors."""
+        first = init(self, gen)
+        first = [] if first is None else [first] if isinstance(first, str) else list(first)
+        unknown = [n for n in first if n not in self.factors]
+        if unknown:
+            raise ValueError(f"init returned {unknown[0]!r}, which is not a factor of the model "
+                             f"(factors: {sorted(n for n in self.factors if not self.factors[n].auxiliary)})")
+        for name in first:
+            for aux, f in self.factors.items():
+                if f.auxiliary:
+                    self._update(aux)
+            self._update(name)
         self._initialised = True
 
     def _update_continuous(self, seeding: bool = False) -> None:
