@@ -417,8 +417,13 @@ def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:
 def _sum_product_to_shape(weights: Tuple[Tensor, ...], shape: torch.Size) -> Tensor:
     """The product of ``weights`` summed to ``shape`` as :func:`_sum_to_shape` sums one weight,
     by :func:`broadcast_sum`: for stick-breaking responsibilities (K, N, 1), stick masks
-    (K, 1, K − 1) and Pólya-Gamma means (N, K − 1), O(N K) work and memory, not O(N K²)."""
-    return broadcast_sum(weights, broadcast_shapes(shape, *(w.shape for w in weights)), shape)
+    (K, 1, K − 1) and Pólya-Gamma means (N, K − 1), O(N K) work and memory, not O(N K²).
+    When the product is no larger than the sum's result (nothing to sum away, e.g. a regression's
+    weights and precision), it is simply multiplied out: cheaper than an einsum call."""
+    full = broadcast_shapes(*(w.shape for w in weights))
+    if math.prod(full) <= math.prod(shape):
+        return _sum_to_shape(math.prod(weights[1:], start=weights[0]), shape)
+    return broadcast_sum(weights, broadcast_shapes(shape, full), shape)
 
 
 def _sum_to_shape(weight: Tensor, shape: torch.Size) -> Tensor:
