@@ -23,6 +23,36 @@ from .natural_gradient import natural_gradient, paper_natural_gradient
 _ROLES = ("loc", "cov_factor", "scale")
 
 
+def _clipped_momentum_adadelta(xp, values, direction, buffers, group) -> list:
+    """The paper's step after the (natural) gradient, in its order: clip the whole direction's
+    norm at ``clip_norm``, momentum ``m`` (``buf = m buf + (1 - m) g``), then ADADELTA
+    (``rho``, ``eps``): ``delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * buf``.
+    ``xp`` is ``numpy`` or ``torch``; ``buffers`` holds, per value, the arrays
+    ``momentum_buffer``, ``square_avg`` and ``acc_delta``, updated in place. Returns the new
+    values (``value - delta``)."""
+    if group["clip_norm"] is not None:
+        norm = float(sum(float((g * g).sum()) for g in direction)) ** 0.5
+        if norm > group["clip_norm"]:
+            direction = [g * (group["clip_norm"] / norm) for g in direction]
+    rho, eps, m = group["rho"], group["eps"], group["momentum"]
+    new = []
+    for x, st, g in zip(values, buffers, direction):
+        if m:
+            buf = st["momentum_buffer"]
+            buf *= m
+            buf += (1.0 - m) * g
+        else:
+            buf = g
+        square_avg, acc_delta = st["square_avg"], st["acc_delta"]
+        square_avg *= rho
+        square_avg += (1.0 - rho) * buf * buf
+        delta = xp.sqrt(acc_delta + eps) / xp.sqrt(square_avg + eps) * buf
+        acc_delta *= rho
+        acc_delta += (1.0 - rho) * delta * delta
+        new.append(x - delta)
+    return new
+
+
 class NaturalGradientAdadelta(torch.optim.Optimizer):
     r"""
     One NG-HVI step (Zhang et al. 2023, arXiv:2302.13536, Algorithm 1) for the three
@@ -218,28 +248,8 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
             self.last_cg_iterations = ng.cg_iterations
         else:
             direction = [g_loc, g_B, g_d]
-        if group["clip_norm"] is not None:
-            norm = float(sum(float((x * x).sum()) for x in direction)) ** 0.5
-            if norm > group["clip_norm"]:
-                factor = group["clip_norm"] / norm
-                direction = [x * factor for x in direction]
-        rho, eps, m = group["rho"], group["eps"], group["momentum"]
-        new = []
-        for x, st, g in zip((mu, B, d), states, direction):
-            if m:
-                buf = view(st["momentum_buffer"])
-                buf *= m
-                buf += (1.0 - m) * g
-            else:
-                buf = g
-            square_avg, acc_delta = view(st["square_avg"]), view(st["acc_delta"])
-            square_avg *= rho
-            square_avg += (1.0 - rho) * buf * buf
-            delta = xp.sqrt(acc_delta + eps) / xp.sqrt(square_avg + eps) * buf
-            acc_delta *= rho
-            acc_delta += (1.0 - rho) * delta * delta
-            new.append(x - delta)
-        mu, B, d = new
+        buffers = [{key: view(st[key]) for key in self._BUFFERS} for st in states]
+        mu, B, d = _clipped_momentum_adadelta(xp, (mu, B, d), direction, buffers, group)
         sign[...] = xp.where(d < 0, -1.0, 1.0)
         # The guide stores W = B / |d| in its own dtype, and torch's LowRankMultivariateNormal
         # factors I + W^T W: as d_i crosses zero (the authors' additive update lets it) that
@@ -271,37 +281,12 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
                 self._paper_step(group)
                 continue
             direction = self._direction(group)
-            if group["clip_norm"] is not None:
-                norm = float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(direction))))
-                if norm > group["clip_norm"]:
-                    direction = torch._foreach_mul(direction, group["clip_norm"] / norm)
-            rho, eps, m = group["rho"], group["eps"], group["momentum"]
             if not self.state[params[0]]:
                 for p in params:
-                    self.state[p].update(
-                        momentum_buffer=torch.zeros_like(p), square_avg=torch.zeros_like(p), acc_delta=torch.zeros_like(p)
-                    )
-            states = [self.state[p] for p in params]
-            square_avg = [st["square_avg"] for st in states]
-            acc_delta = [st["acc_delta"] for st in states]
-            # multi-tensor (foreach) updates: one dispatch per operation for all three parameters
-            if m:
-                buf = [st["momentum_buffer"] for st in states]
-                torch._foreach_mul_(buf, m)
-                torch._foreach_add_(buf, direction, alpha=1 - m)
-            else:
-                buf = direction
-            torch._foreach_mul_(square_avg, rho)
-            torch._foreach_addcmul_(square_avg, buf, buf, value=1 - rho)
-            std = torch._foreach_add(square_avg, eps)
-            torch._foreach_sqrt_(std)
-            delta = torch._foreach_add(acc_delta, eps)
-            torch._foreach_sqrt_(delta)
-            torch._foreach_div_(delta, std)
-            torch._foreach_mul_(delta, buf)
-            torch._foreach_mul_(acc_delta, rho)
-            torch._foreach_addcmul_(acc_delta, delta, delta, value=1 - rho)
-            torch._foreach_sub_(params, delta)
+                    self.state[p].update({key: torch.zeros_like(p) for key in self._BUFFERS})
+            buffers = [self.state[p] for p in params]
+            for p, x in zip(params, _clipped_momentum_adadelta(torch, params, direction, buffers, group)):
+                p.copy_(x)
         return loss
 
 
