@@ -65,8 +65,9 @@ def authors_init(num_classes: int, hidden: int | None = None, precision_shape: f
     * gating Γ and output B: mean at the prior mean, covariance ``posterior_precision⁻¹·I``
       (their ``init_posterior_scale = 1e2``, ``sample_initial_betas = False``);
     * experts: rows of A with mean Uniform(−3s, 3s), s = scale/√(D+1) (scale² = the Gamma prior's
-      rate, their ``scale_likelihood``), column covariance V = I and precisions γ ~ Gamma(2, 1)
-      (their ``a = 2, b = 1``); mean-field q(A) gets covariance I / E[γ];
+      rate, their ``scale_likelihood``), column covariance V = I and precisions at their prior
+      Gamma(precision_shape, precision_rate) (theirs: ``a = 2, b = 1``, the defaults);
+      mean-field q(A) gets covariance I / E[γ];
     * then the E-step first: the fit starts by updating the assignments z and hidden units x1
       (or the joint q(z) q(x1 | z)) from these parameters, as their ``fit_vmp`` starts with a
       forward pass and a backward smoothing pass before the first parameter update.
@@ -85,8 +86,8 @@ def authors_init(num_classes: int, hidden: int | None = None, precision_shape: f
             fac.set(loc.to(device), eye.expand(loc.shape[:-1] + eye.shape).clone())
         s = precision_rate ** 0.5 / Dt ** 0.5
         eye = torch.eye(Dt, dtype=dtype, device=device)
-        conc = torch.full((K, h), 2.0, dtype=dtype, device=device)
-        rate = torch.ones(K, h, dtype=dtype, device=device)
+        conc = torch.full((K, h), precision_shape, dtype=dtype, device=device)
+        rate = torch.full((K, h), precision_rate, dtype=dtype, device=device)
         loc = ((torch.rand(K * h, Dt, generator=generator, dtype=torch.float64) * 2 - 1) * 3 * s).to(dtype).to(device)
         if "A+prec" in f:  # joint Normal-Gamma experts: scale_tril is that of V (τ = 1)
             f["A+prec"].set(loc, eye.expand(K * h, Dt, Dt).clone(), conc.reshape(-1), rate.reshape(-1))

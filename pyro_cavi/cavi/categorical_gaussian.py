@@ -53,6 +53,16 @@ from .tracing import LatentSite
 Tensor = torch.Tensor
 
 
+def _log_partition(b: Tensor, loc: Tensor, half_logdet: Tensor) -> Tensor:
+    """:math:`\log \int \exp(b^\top x - \tfrac12 x^\top \Lambda x)\,dx` with ``loc`` =
+    :math:`\Lambda^{-1} b` and ``half_logdet`` = :math:`\tfrac12 \log\det\Lambda`."""
+    return 0.5 * (b * loc).sum(-1) - half_logdet + 0.5 * b.shape[-1] * math.log(2 * math.pi)
+
+
+def _event_shape(x: LatentSite) -> torch.Size:
+    return x.shape[len(x.shape) - x.event_dim:]
+
+
 class CategoricalGaussianFactor(ExpFamilyFactor):
     r"""Structured factor :math:`q(z)\,q(x \mid z)` over ``num_blocks`` independent pairs, each a
     discrete ``z`` with ``num_categories`` values and a Gaussian block of ``block_size`` elements.
@@ -103,8 +113,7 @@ class CategoricalGaussianFactor(ExpFamilyFactor):
             cov = torch.cholesky_solve(eye.expand_as(chol), chol)
             tril = torch.linalg.cholesky(0.5 * (cov + cov.mT))
             half_logdet = chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        log_z = 0.5 * (b * loc).sum(-1) - half_logdet + 0.5 * d * math.log(2 * math.pi)
-        return a + log_z, loc, tril
+        return a + _log_partition(b, loc, half_logdet), loc, tril
 
     def log_weights(self, grads) -> Tensor:
         """Unnormalised :math:`\\log r_k` of the optimal factor: :math:`a_k + \\log Z_k`, the
@@ -121,10 +130,8 @@ class CategoricalGaussianFactor(ExpFamilyFactor):
         b = (precision @ self.loc.unsqueeze(-1)).squeeze(-1)
         C = -0.5 * precision
         log_r = self.probs.clamp_min(torch.finfo(self.probs.dtype).tiny).log()
-        d = self.block_size
         half_logdet = -self.scale_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-        log_z = 0.5 * (b * self.loc).sum(-1) - half_logdet + 0.5 * d * math.log(2 * math.pi)
-        return log_r - log_z, b, C
+        return log_r - _log_partition(b, self.loc, half_logdet), b, C
 
     def _not_positive_definite(self):
         raise NonConjugateError(
@@ -197,7 +204,7 @@ def members(group: Tuple[str, ...], latents: Dict[str, LatentSite]) -> Optional[
 
 
 def make_factor(group: str, z: LatentSite, x: LatentSite, dtype, device) -> CategoricalGaussianFactor:
-    event = x.shape[len(x.shape) - x.event_dim:]
+    event = _event_shape(x)
     return CategoricalGaussianFactor(group, z.shape.numel(), z.support.shape[0], event.numel(), dtype, device)
 
 
@@ -206,7 +213,7 @@ def views(z: LatentSite, x: LatentSite, dtype, device) -> Dict[str, ExpFamilyFac
     as a Gaussian site with one block per (block of ``x``, category), block ``b * K + k``, and ``x``
     itself (mixture moments) with its own blocks."""
     k = z.support.shape[0]
-    event = x.shape[len(x.shape) - x.event_dim:]
+    event = _event_shape(x)
     key = conditional_key(z.name, x.name)
     return {
         z.name: CategoricalFactor(z.name, z.shape, 0, dtype, device, support=z.support,
@@ -231,7 +238,7 @@ def _enumerated_shape(z: LatentSite, x: LatentSite) -> Tuple[torch.Size, torch.S
     its block index (event dims of size one)."""
     k = z.support.shape[0]
     batch = z.shape
-    event = x.shape[len(x.shape) - x.event_dim:]
+    event = _event_shape(x)
     pad = -z.enum_dim - 1 - len(batch)
     lead = (k,) + (1,) * pad + tuple(batch)
     return torch.Size(lead + tuple(event)), torch.Size(lead + (1,) * x.event_dim)
@@ -242,7 +249,7 @@ def stand_in(f: CategoricalGaussianFactor, z: LatentSite, x: LatentSite, dtype, 
     being block ``b * K + k`` of the view from :func:`views`."""
     k = z.support.shape[0]
     shape, idx_shape = _enumerated_shape(z, x)
-    event = x.shape[len(x.shape) - x.event_dim:]
+    event = _event_shape(x)
     d = event.numel()
     nb = z.shape.numel()
     idx = (torch.arange(nb, device=device).reshape(1, nb) * k + torch.arange(k, device=device).reshape(k, 1))

@@ -919,7 +919,7 @@ class CAVI:
 
     def _draw(self, names: Sequence[str], sample, member) -> Dict[str, Tensor]:
         """One draw of each site in ``names``, jointly within structured factors (a joint
-        Gaussian group, a Normal-Gamma pair), each factor drawn once: ``sample(site,
+        Gaussian group, a Normal-Gamma pair, a discrete-Gaussian pair), each factor drawn once: ``sample(site,
         distribution, given)`` draws (``given``: conditional on an earlier draw of the same
         factor), ``member(site, value)`` turns a structured draw's part into the site's value."""
         out, joint = {}, {}
