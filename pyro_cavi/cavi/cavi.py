@@ -302,24 +302,31 @@ class CAVI:
             if group is None:
                 # local factors belong to the previous minibatch's data: start them afresh
                 self.factors[name] = self._make_factor(site, None if site.local else old.get(name))
-            elif group in self._structured and group not in self.factors:
-                z, x = (self.latents[n] for n in self._structured[group])
+            elif group in self.factors:
+                continue
+            elif (kind := self._own_kind(group)) is not None:
+                module, members = kind
+                a, b = (self.latents[n] for n in members)
                 prev = old.get(group)
-                fresh = categorical_gaussian.make_factor(group, z, x, self.dtype, self.device)
+                fresh = module.make_factor(group, a, b, self.dtype, self.device)
                 self.factors[group] = prev if prev is not None and prev.shape == fresh.shape else fresh
-                self._views.update(categorical_gaussian.views(z, x, self.dtype, self.device))
-            elif group in self._normal_gamma and group not in self.factors:
-                w, tau = (self.latents[n] for n in self._normal_gamma[group])
-                prev = old.get(group)
-                fresh = normal_gamma.make_factor(group, w, self.dtype, self.device)
-                self.factors[group] = prev if prev is not None and prev.shape == fresh.shape else fresh
-                self._views.update(normal_gamma.views(w, tau, self.dtype, self.device))
-            elif group not in self.factors:
+                self._views.update(module.views(a, b, self.dtype, self.device))
+            else:
                 size = sum(k for _, _, k in self._group_layout(group))
                 prev = old.get(group)
                 self.factors[group] = prev if prev is not None and prev.shape == (size,) else GaussianFactor(
                     group, torch.Size([size]), 1, self.dtype, self.device
                 )
+
+    def _own_kind(self, group: str) -> Optional[tuple]:
+        """``(module, member names)`` of a joint group whose factor is of a kind of its own, a
+        discrete-Gaussian pair (:mod:`.categorical_gaussian`) or a Normal-Gamma pair
+        (:mod:`.normal_gamma`), both modules with ``make_factor(group, a, b, dtype, device)`` and
+        ``views(a, b, dtype, device)``; None for a joint Gaussian group."""
+        for module, groups in ((categorical_gaussian, self._structured), (normal_gamma, self._normal_gamma)):
+            if group in groups:
+                return module, groups[group]
+        return None
 
     def _make_factor(self, site: LatentSite, old: Optional[ExpFamilyFactor]) -> ExpFamilyFactor:
         if old is not None and old.shape == site.shape and getattr(old, "dense", False) == (site.name in self._dense):

@@ -51,7 +51,9 @@ def members(group: Tuple[str, ...], latents: Dict[str, LatentSite]):
     return w, tau
 
 
-def make_factor(group: str, w: LatentSite, dtype, device) -> NormalGammaFactor:
+def make_factor(group: str, w: LatentSite, tau: LatentSite, dtype, device) -> NormalGammaFactor:
+    """A fresh factor of the pair; ``tau`` (its shape is ``w``'s batch shape, as :func:`members`
+    checks) is taken for the signature :func:`.categorical_gaussian.make_factor` shares."""
     batch = w.shape[: len(w.shape) - w.event_dim]
     event = w.shape[len(w.shape) - w.event_dim:]
     return NormalGammaFactor(group, batch.numel(), event.numel(), dtype, device)
