@@ -51,6 +51,24 @@ def _xp(x: Array):
     return np if isinstance(x, np.ndarray) else torch
 
 
+def runs_in_numpy(cov_factor: Tensor, numpy_max_size: int) -> bool:
+    """Whether a problem with the ``M x p`` matrix ``cov_factor`` runs in NumPy float64: on the
+    CPU with ``M (p + 1) <= numpy_max_size`` (see "Cost" above); otherwise in torch, in the
+    tensors' own dtype and on their device."""
+    M, p = cov_factor.shape
+    return cov_factor.device.type == "cpu" and M * (p + 1) <= numpy_max_size
+
+
+def to_numpy(x: Tensor) -> np.ndarray:
+    """A float64 NumPy copy of the CPU tensor ``x`` (detached)."""
+    return x.detach().numpy().astype(np.float64)
+
+
+def from_numpy(x: np.ndarray, like: Tensor) -> Tensor:
+    """The NumPy result ``x`` as a CPU tensor of ``like``'s dtype."""
+    return torch.from_numpy(x).to(like.dtype)
+
+
 class CGResult(NamedTuple):
     solution: Array
     num_iterations: int
@@ -237,15 +255,10 @@ def natural_gradient(
     :returns: the natural gradient in the same coordinates (and dtype) as the inputs, and the
         number of conjugate-gradient iterations used for the ``(W, u)`` block.
     """
-    M, p = cov_factor.shape
     inputs = (loc_grad, cov_factor, cov_factor_grad, scale, scale_grad, scale_derivative)
-    if cov_factor.device.type == "cpu" and M * (p + 1) <= numpy_max_size:
-        arrays = [x.detach().numpy().astype(np.float64) for x in inputs]
-        ng_loc, ng_W, ng_u, iters = _natural_gradient(*arrays, damping, cg_tol, cg_max_iter)
-        dtype = cov_factor.dtype
-        return NaturalGradient(
-            torch.from_numpy(ng_loc).to(dtype), torch.from_numpy(ng_W).to(dtype), torch.from_numpy(ng_u).to(dtype), iters
-        )
+    if runs_in_numpy(cov_factor, numpy_max_size):
+        ng_loc, ng_W, ng_u, iters = _natural_gradient(*map(to_numpy, inputs), damping, cg_tol, cg_max_iter)
+        return NaturalGradient(*(from_numpy(x, cov_factor) for x in (ng_loc, ng_W, ng_u)), iters)
     return NaturalGradient(*_natural_gradient(*inputs, damping, cg_tol, cg_max_iter))
 
 

@@ -18,7 +18,7 @@ from pyro.distributions import constraints
 from pyro.optim import PyroOptim
 from pyro.optim.optim import _load_state_dict
 
-from .natural_gradient import natural_gradient, paper_natural_gradient
+from .natural_gradient import from_numpy, natural_gradient, paper_natural_gradient, runs_in_numpy, to_numpy
 
 _ROLES = ("loc", "cov_factor", "scale")
 
@@ -198,7 +198,7 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
     def _paper_step(self, group: dict) -> None:
         loc, W_param, u_param = group["params"]
         M, p = W_param.shape
-        use_numpy = W_param.device.type == "cpu" and M * (p + 1) <= group["numpy_max_size"]
+        use_numpy = runs_in_numpy(W_param, group["numpy_max_size"])
         dtype = torch.float64 if use_numpy else W_param.dtype
         states = self._paper_buffers(group, dtype)
         transform = self.scale_transform
@@ -206,22 +206,10 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         t_t = transform.log_abs_det_jacobian(u_param, s_t).exp()  # ds/du
         grads = [q.grad if q.grad is not None else torch.zeros_like(q) for q in group["params"]]
         if use_numpy:
-            xp = np
-
-            def arr(x: Tensor):
-                return x.detach().numpy().astype(np.float64)
-
-            def view(x: Tensor):
-                return x.numpy()
-
+            xp, arr, view = np, to_numpy, Tensor.numpy  # view: the float64 state buffers, updated in place
             free = np.tri(M, p, dtype=bool)
         else:
-            xp = torch
-
-            def arr(x: Tensor):
-                return x.detach()
-
-            view = arr
+            xp, arr, view = torch, Tensor.detach, Tensor.detach
             free = torch.ones(M, p, dtype=torch.bool, device=W_param.device).tril()
         mu, W, s, t = arr(loc), arr(W_param), arr(s_t), arr(t_t)
         g_loc, g_W, g_u = (arr(g) for g in grads)
@@ -262,7 +250,7 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
             raise ValueError("NG-HVI: a row of Sigma = B B^T + D^2 became zero (d_i = 0 and B_i = 0)")
         W = B / s[:, None]
         if use_numpy:
-            mu, W, s = (torch.from_numpy(x) for x in (mu, W, s))
+            mu, W, s = from_numpy(mu, loc), from_numpy(W, W_param), from_numpy(s, u_param)
         loc.copy_(mu)
         W_param.copy_(W)
         u_param.copy_(transform.inv(s.to(u_param.dtype)))
