@@ -278,7 +278,7 @@ def main():
                         rows.append((f"{tag} {vname}", sig.diagonal().sqrt(), elbo))
 
         print(f"\nsd under q / sd under the posterior ({ref_name}), unconstrained coordinates; exact ELBO "
-              f"(alpha integrated out, {args.elbo_draws} fixed antithetic draws) minus the best rank-{min(args.ranks)} ELBO:\n")
+              f"(alpha integrated out, {args.elbo_draws} fixed antithetic scrambled-Sobol draws) minus the best rank-{min(args.ranks)} ELBO:\n")
         print("| q | " + " | ".join(LABELS) + " | min-max | ELBO - best |")
         print("|---|" + "---:|" * (len(LABELS) + 2))
         for name, sd, elbo in rows:
