@@ -217,21 +217,23 @@ def _init_loc_fn(name, seed):
     return init_to_value(values=values, fallback=init_to_feasible)
 
 
-def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="paper"):
-    """Returns (guide, iterations, elbo trace, per-step seconds)."""
+def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="paper", rank=3, record=None, num_particles=1):
+    """Returns (guide, iterations, elbo trace, per-step seconds).  With a list ``record``, the
+    coordinates of every iterate in the averaging window (``_averaged_coordinates``) are appended
+    to it (used by ``nghvi_posterior_sd.py``)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = MODEL_FNS[name]
     init_loc = _init_loc_fn(name, seed)
     if method == "Pyro SVI":
-        guide = AutoLowRankMultivariateNormal(model, rank=3, init_loc_fn=init_loc)
+        guide = AutoLowRankMultivariateNormal(model, rank=rank, init_loc_fn=init_loc)
         svi = SVI(model, guide, Adam({"lr": 0.01}), Trace_ELBO())
     else:
         # init "paper": d = 1, B = 0.01 (the authors' start, HybridGuide's default); "pyro":
         # AutoLowRankMultivariateNormal's own (scale ~0.07, random cov_factor)
-        guide = HybridGuide(model, _conditional(name), rank=3, init_loc_fn=init_loc, init_scale=1.0 if init == "paper" else None)
+        guide = HybridGuide(model, _conditional(name), rank=rank, init_loc_fn=init_loc, init_scale=1.0 if init == "paper" else None)
         optim = NGHVIOptim() if method == "NG-HVI" else SGHVIOptim()
-        svi = SVI(model, guide, optim, HybridELBO(guide.conditional, path_gradient=path_gradient))
+        svi = SVI(model, guide, optim, HybridELBO(guide.conditional, path_gradient=path_gradient, num_particles=num_particles))
     iters, elbos, seconds = [], [], []
     store = pyro.get_param_store()
     average_from, sums = steps - max(1, steps // 10), {}
@@ -241,8 +243,11 @@ def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="p
             loss = svi.step(*args)
         seconds.append(time.perf_counter() - t0)
         if step >= average_from:  # iterate averaging over the last 10% of steps, as the paper does
-            for k, v in _averaged_coordinates(store).items():
+            coords = _averaged_coordinates(store)
+            for k, v in coords.items():
                 sums[k] = sums.get(k, 0.0) + v
+            if record is not None:
+                record.append(coords)
         if name == "logistic" and method != "Pyro SVI":
             if step % eval_every == 0 or step == steps - 1:
                 iters.append(step)
