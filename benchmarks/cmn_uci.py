@@ -49,13 +49,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "models"))
 
 import cmn  # noqa: E402
-from cmn_baselines import bbvi_predict_proba, fit_bbvi, fit_mle  # noqa: E402
+from cmn_baselines import bbvi_predict_proba, fit_bbvi, fit_mle, fit_nuts, nuts_predict_proba  # noqa: E402
 from cmn_metrics import accuracy, expected_calibration_error, log_predictive_density  # noqa: E402
 
 from pyro_cavi import CAVI  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "uci"
 RUNS = HERE / "out" / "cmn_runs.jsonl"
+NUTS_PROBES = HERE / "out" / "cmn_nuts_probe.jsonl"
 RESULTS = HERE / "results"
 
 # data set -> (train size, number of experts); pinwheels: 200 train / 1000 test as in the anchors
@@ -88,7 +89,7 @@ ANCHOR_MLE = {  # acc, LPD, ECE (their pinwheels MLE used K = 20)
     "rice": (0.895, -7.26, 0.087),
     "waveform": (0.794, -31.7, 0.200),
 }
-METHODS = ("CAVI-CMN", "MLE", "MLE+ES", "BBVI")
+METHODS = ("CAVI-CMN", "MLE", "MLE+ES", "BBVI", "NUTS")
 
 
 def load(name: str, seed: int, dtype: torch.dtype):
@@ -191,6 +192,56 @@ def run_bbvi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
     return rec
 
 
+def run_nuts(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
+    """One NUTS chain (``--nuts-warmup`` + ``--nuts-samples`` iterations) on ``cmn`` with ``z``
+    enumerated; the predictive pushes every post-warm-up draw of Γ, A, γ, B through
+    ``cmn.predict_proba`` (one x1 per draw). Also records the leapfrog steps (potential and
+    gradient evaluations), divergences and adapted step size."""
+    W, S = args.nuts_warmup, args.nuts_samples
+    with _Clock() as clock:
+        fit = fit_nuts(Xtr, ytr, K, num_warmup=W, num_samples=S, seed=seed, max_tree_depth=args.nuts_max_tree_depth,
+                       prior_scale=args.prior_scale)
+    rec = _scores(nuts_predict_proba(fit, Xte), yte) if S else {}
+    rec.update(wall=clock.wall, cpu=clock.cpu, warmup=W, samples=S, max_tree_depth=args.nuts_max_tree_depth,
+               grads=fit.num_grads, grads_warmup=fit.num_grads_warmup, divergences=fit.divergences,
+               step_size=fit.step_size, wall_warmup=fit.wall_warmup,
+               ms_per_grad=1e3 * clock.wall / fit.num_grads, wall_per_iter=clock.wall / (W + S))
+    return rec
+
+
+def nuts_probe(args) -> None:
+    """Cost of NUTS where a full fit is out of reach: ``--nuts-probe N`` warm-up iterations (and
+    one draw) per data set and seed, timed; records to ``benchmarks/out/cmn_nuts_probe.jsonl``
+    with the wall seconds per iteration and the time extrapolated to ``--nuts-warmup`` +
+    ``--nuts-samples`` iterations at that rate."""
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    NUTS_PROBES.parent.mkdir(exist_ok=True)
+    import os
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    for name in args.datasets:
+        K = DATASETS[name][1]
+        for seed in args.seeds:
+            Xtr, ytr, _, _ = load(name, seed, dtype)
+            with _Clock() as clock:
+                fit = fit_nuts(Xtr, ytr, K, num_warmup=args.nuts_probe, num_samples=1, seed=seed,
+                               max_tree_depth=args.nuts_max_tree_depth, prior_scale=args.prior_scale)
+            iters = args.nuts_probe + 1
+            rec = dict(dataset=name, seed=seed, K=K, n_train=len(ytr), dtype=args.dtype, commit=commit, iters=iters,
+                       wall=clock.wall, cpu=clock.cpu, grads=fit.num_grads, step_size=fit.step_size,
+                       max_tree_depth=args.nuts_max_tree_depth, wall_per_iter=clock.wall / iters,
+                       grads_per_iter=fit.num_grads / iters, ms_per_grad=1e3 * clock.wall / fit.num_grads,
+                       target_iters=args.nuts_warmup + args.nuts_samples,
+                       extrapolated_wall=clock.wall / iters * (args.nuts_warmup + args.nuts_samples),
+                       load=os.getloadavg()[0])
+            print(json.dumps(rec), flush=True)
+            with open(NUTS_PROBES, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
 def benchmark(args, runs: pathlib.Path = RUNS) -> None:
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
@@ -208,6 +259,8 @@ def benchmark(args, runs: pathlib.Path = RUNS) -> None:
                     rec = run_cavi(Xtr, ytr, Xte, yte, K, seed, args)
                 elif method == "BBVI":
                     rec = run_bbvi(Xtr, ytr, Xte, yte, K, seed, args)
+                elif method == "NUTS":
+                    rec = run_nuts(Xtr, ytr, Xte, yte, K, seed, args)
                 else:
                     rec = run_mle(Xtr, ytr, Xte, yte, K, seed, args, early_stopping=method == "MLE+ES")
                 label = method if args.prior_scale is None or method.startswith("MLE") else f"{method} (prior scale {args.prior_scale:g})"
@@ -428,12 +481,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["pinwheels", "sonar", "breast_cancer"], choices=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "NUTS"], choices=list(METHODS),
+                        help="NUTS is run only when named")
     parser.add_argument("--max-sweeps", type=int, default=500)
     parser.add_argument("--tol", type=float, default=1e-5, help="relative ELBO change at which CAVI stops")
     parser.add_argument("--mle-steps", type=int, default=5000)
     parser.add_argument("--bbvi-steps", type=int, default=3000)
     parser.add_argument("--bbvi-lr", type=float, default=0.02)
+    parser.add_argument("--nuts-warmup", type=int, default=200, help="NUTS warm-up iterations (one chain)")
+    parser.add_argument("--nuts-samples", type=int, default=200, help="NUTS draws kept after warm-up (the predictive's draws)")
+    parser.add_argument("--nuts-max-tree-depth", type=int, default=10, help="NUTS tree depth cap (Pyro's default 10)")
+    parser.add_argument("--nuts-probe", type=int, default=0,
+                        help="only time this many NUTS warm-up iterations per data set and seed, extrapolate to "
+                             "--nuts-warmup + --nuts-samples (records to benchmarks/out/cmn_nuts_probe.jsonl)")
     parser.add_argument("--num-samples", type=int, default=200, help="posterior draws for predictive probabilities")
     parser.add_argument("--prior-scale", type=float, default=None,
                         help="the earlier zero-mean CMN with this scale on every Gaussian weight (default: the paper's priors)")
@@ -461,6 +521,9 @@ def main() -> None:
         return
     if args.scaling:
         scaling(args)
+        return
+    if args.nuts_probe:
+        nuts_probe(args)
         return
     runs = RUNS
     if args.quick:  # a separate record file, so that quick settings never mix with the full runs
