@@ -265,13 +265,14 @@ def fit_nuts(X: torch.Tensor, y: torch.Tensor, num_experts: int = 20, num_warmup
     def hook(kernel_, params, stage, i):
         if stage == "Warmup" and i == num_warmup - 1:
             times["warmup"] = time.perf_counter() - start
+        if stage == "Sample":  # the kernel's counters are reset when the run ends
+            times["divergences"] = len(kernel_.diagnostics()["divergences"])
 
     mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=num_warmup, disable_progbar=True, hook_fn=hook)
     start = time.perf_counter()
     mcmc.run(X, y)
     samples = {k: v.detach() for k, v in mcmc.get_samples().items()}
-    div = mcmc.diagnostics()["divergences"]["chain 0"]
-    return NUTSFit(mcmc, samples, kernel.num_grads, kernel.num_grads_warmup or kernel.num_grads, len(div),
+    return NUTSFit(mcmc, samples, kernel.num_grads, kernel.num_grads_warmup or kernel.num_grads, times.get("divergences", 0),
                    float(kernel.step_size), times.get("warmup", 0.0))
 
 
