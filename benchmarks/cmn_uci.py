@@ -205,7 +205,8 @@ def run_nuts(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
     rec.update(wall=clock.wall, cpu=clock.cpu, warmup=W, samples=S, max_tree_depth=args.nuts_max_tree_depth,
                grads=fit.num_grads, grads_warmup=fit.num_grads_warmup, divergences=fit.divergences,
                step_size=fit.step_size, wall_warmup=fit.wall_warmup,
-               ms_per_grad=1e3 * clock.wall / fit.num_grads, wall_per_iter=clock.wall / (W + S))
+               ms_per_grad=1e3 * clock.wall / fit.num_grads, wall_per_iter=clock.wall / (W + S),
+               latent_dims=sum(v[0].numel() for v in fit.samples.values()))
     return rec
 
 
@@ -236,7 +237,7 @@ def nuts_probe(args) -> None:
                        grads_per_iter=fit.num_grads / iters, ms_per_grad=1e3 * clock.wall / fit.num_grads,
                        target_iters=args.nuts_warmup + args.nuts_samples,
                        extrapolated_wall=clock.wall / iters * (args.nuts_warmup + args.nuts_samples),
-                       load=os.getloadavg()[0])
+                       latent_dims=sum(v[0].numel() for v in fit.samples.values()), load=os.getloadavg()[0])
             print(json.dumps(rec), flush=True)
             with open(NUTS_PROBES, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -376,8 +377,50 @@ def report(path: pathlib.Path = RUNS) -> str:
                            f"{_mean(recs, 'ece'):.3f} | {d['ece']:+.3f} | {_mean(recs, 'sweeps'):.0f} ({conv}/{len(recs)}) | "
                            f"{_mean(recs, 'cpu_per_200'):.1f} | {_mean(b, 'cpu_per_200'):.1f} | {_mean(recs, 'elbo'):.1f} | "
                            f"{_mean(b, 'elbo'):.1f} | {higher}/{len(recs)} |")
-    out += ["", _restarts_table(summary), "", _seed_spread_table(summary)]
+    out += ["", _restarts_table(summary), "", _seed_spread_table(summary), "", _nuts_table(summary), "", _nuts_probe_table()]
     return "\n".join(out)
+
+
+def _nuts_table(summary: dict) -> str:
+    """The NUTS fits: iterations, leapfrog steps (gradient evaluations) per iteration in warm-up
+    and in sampling, divergent draws, adapted step size and cost."""
+    rows = ["| data | seeds | continuous latents | warm-up + draws | leapfrog steps / iteration, warm-up / sampling | "
+            "divergent draws | step size | ms / gradient | wall s | CPU s | wall s / iteration |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in DATASETS:
+        if (name, "NUTS") not in summary:
+            continue
+        recs = summary[(name, "NUTS")][1]
+        dims = next((r["latent_dims"] for r in recs if "latent_dims" in r), None)
+        warm = statistics.fmean(r["grads_warmup"] / r["warmup"] for r in recs)
+        samp = statistics.fmean((r["grads"] - r["grads_warmup"]) / r["samples"] for r in recs)
+        div = "; ".join(f"{r['divergences']}/{r['samples']}" for r in recs)
+        rows.append(f"| {name} | {','.join(str(r['seed']) for r in recs)} | {dims or '–'} | {recs[0]['warmup']} + {recs[0]['samples']} | "
+                    f"{warm:.0f} / {samp:.0f} (cap {2 ** recs[0]['max_tree_depth'] - 1}) | {div} | "
+                    f"{_mean(recs, 'step_size'):.3f} | {_mean(recs, 'ms_per_grad'):.2f} | {_mean(recs, 'wall'):.0f} | "
+                    f"{_mean(recs, 'cpu'):.0f} | {_mean(recs, 'wall_per_iter'):.2f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
+
+
+def _nuts_probe_table(path: pathlib.Path = NUTS_PROBES) -> str:
+    """``--nuts-probe`` records: the first iterations of warm-up timed, extrapolated."""
+    if not path.exists():
+        return ""
+    latest = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        latest[(r["dataset"], r["seed"], r["iters"])] = r
+    rows = ["| data | N train | K | continuous latents | seed | iterations timed | leapfrog steps / iteration | ms / gradient | "
+            "wall s / iteration | CPU s / iteration | extrapolated wall for warm-up + draws | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in DATASETS:
+        for (d, seed, iters), r in sorted(latest.items()):
+            if d != name:
+                continue
+            rows.append(f"| {name} | {r['n_train']} | {r['K']} | {r.get('latent_dims', '–')} | {seed} | {iters} | "
+                        f"{r['grads_per_iter']:.0f} | {r['ms_per_grad']:.2f} | {r['wall_per_iter']:.2f} | "
+                        f"{r['cpu'] / iters:.2f} | {r['extrapolated_wall'] / 60:.0f} min for {r['target_iters']} | {r['load']:.1f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def _seed_spread_table(summary: dict, method: str = "CAVI-CMN") -> str:
