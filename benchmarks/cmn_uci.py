@@ -1,8 +1,8 @@
 r"""CAVI-CMN reproduction (issue 4): conditional mixture networks on pinwheels and six UCI sets.
 
 For each data set and split seed: standardised features, stratified split with the authors'
-train sizes (test = the remaining rows), K = 20 experts (pinwheels: K = 10), and four fits of the
-model in ``models/cmn.py``:
+train sizes (test = the remaining rows), K = 20 experts (pinwheels: K = 10), and up to five fits of
+the model in ``models/cmn.py``:
 
 * **CAVI-CMN**: ``pyro_cavi.CAVI`` run until the relative ELBO change drops below ``--tol``
   (at most ``--max-sweeps`` sweeps); posterior predictive by ``cmn.predict_proba`` (Monte Carlo
@@ -10,10 +10,15 @@ model in ``models/cmn.py``:
   ``cmn.predict_proba_bound`` (row "CAVI-CMN (paper predictive)");
 * **MLE**: the same architecture as a deterministic mixture, full-batch Adam (``cmn_baselines``);
 * **MLE+ES**: the same with early stopping on a stratified 20 % validation split of the train set;
-* **BBVI**: Pyro SVI on ``cmn`` with ``z`` enumerated and an AutoNormal guide (``cmn_baselines``).
-
-NUTS is not run: the CMN's local hidden units ``x1`` make N·h continuous latents besides the
-K·h·(D+1) expert weights, far beyond what NUTS finishes in minutes on 2 shared cores.
+* **BBVI**: Pyro SVI on ``cmn`` with ``z`` enumerated and an AutoNormal guide (``cmn_baselines``);
+* **NUTS** (only when named in ``--methods``): Pyro's NUTS on ``cmn`` with ``z`` enumerated, one
+  chain of ``--nuts-warmup`` + ``--nuts-samples`` iterations (default 200 + 200, tree depth at
+  most 10), predictive from the draws of Γ, A, γ, B through ``cmn.predict_proba``
+  (``cmn_baselines.fit_nuts``). Measured on 2 shared cores: about 9 minutes per fit on pinwheels
+  and sonar (the chain takes 600-850 leapfrog steps per iteration, 1.6-2.1 ms each); on the
+  larger sets ``--nuts-probe N`` times the first N warm-up iterations and extrapolates
+  (breast cancer and banknote about 10 minutes, rice 20, vehicle 30, waveform 70, before the
+  deeper trees of later warm-up), records in ``benchmarks/out/cmn_nuts_probe.jsonl``.
 
 Reported per method: test accuracy, mean test log predictive density (nats), ECE (20 bins), wall
 and CPU seconds of the fit; for CAVI also sweeps to convergence and seconds per 200 sweeps; for
@@ -28,6 +33,8 @@ Run::
     python benchmarks/cmn_uci.py --datasets banknote rice --seeds 0 1
     python benchmarks/cmn_uci.py --report                     # tables from all records so far
     python benchmarks/cmn_uci.py --scaling
+    python benchmarks/cmn_uci.py --datasets pinwheels sonar --seeds 0 --methods NUTS
+    python benchmarks/cmn_uci.py --nuts-probe 10 --datasets breast_cancer vehicle banknote rice waveform
 """
 
 from __future__ import annotations
@@ -382,24 +389,34 @@ def report(path: pathlib.Path = RUNS) -> str:
 
 
 def _nuts_table(summary: dict) -> str:
-    """The NUTS fits: iterations, leapfrog steps (gradient evaluations) per iteration in warm-up
-    and in sampling, divergent draws, adapted step size and cost."""
-    rows = ["| data | seeds | continuous latents | warm-up + draws | leapfrog steps / iteration, warm-up / sampling | "
+    """The NUTS fits beside CAVI-CMN and BBVI on the same split seeds, then their cost: leapfrog
+    steps (gradient evaluations) per iteration in warm-up and in sampling, divergent draws,
+    adapted step size, time."""
+    rows = ["| data | seeds | acc: NUTS / CAVI-CMN / BBVI | LPD: NUTS / CAVI-CMN / BBVI | ECE: NUTS / CAVI-CMN / BBVI | "
+            "wall s: NUTS / CAVI-CMN / BBVI |", "|---|---|---|---|---|---|"]
+    cost = ["| data | seeds | continuous latents | warm-up + draws | leapfrog steps / iteration, warm-up / sampling | "
             "divergent draws | step size | ms / gradient | wall s | CPU s | wall s / iteration |",
             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in DATASETS:
         if (name, "NUTS") not in summary:
             continue
         recs = summary[(name, "NUTS")][1]
+        seeds = [r["seed"] for r in recs]
+        other = {m: [r for r in summary.get((name, m), (None, []))[1] if r["seed"] in seeds] for m in ("CAVI-CMN", "BBVI")}
+        cells = []
+        for key, fmt in (("acc", "{:.3f}"), ("lpd", "{:.3f}"), ("ece", "{:.3f}"), ("wall", "{:.0f}")):
+            vals = [_mean(recs, key)] + [_mean(o, key) if len(o) == len(recs) else None for o in other.values()]
+            cells.append(" / ".join("–" if v is None else fmt.format(v) for v in vals))
+        rows.append(f"| {name} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
         dims = next((r["latent_dims"] for r in recs if "latent_dims" in r), None)
         warm = statistics.fmean(r["grads_warmup"] / r["warmup"] for r in recs)
         samp = statistics.fmean((r["grads"] - r["grads_warmup"]) / r["samples"] for r in recs)
         div = "; ".join(f"{r['divergences']}/{r['samples']}" for r in recs)
-        rows.append(f"| {name} | {','.join(str(r['seed']) for r in recs)} | {dims or '–'} | {recs[0]['warmup']} + {recs[0]['samples']} | "
+        cost.append(f"| {name} | {','.join(map(str, seeds))} | {dims or '–'} | {recs[0]['warmup']} + {recs[0]['samples']} | "
                     f"{warm:.0f} / {samp:.0f} (cap {2 ** recs[0]['max_tree_depth'] - 1}) | {div} | "
                     f"{_mean(recs, 'step_size'):.3f} | {_mean(recs, 'ms_per_grad'):.2f} | {_mean(recs, 'wall'):.0f} | "
                     f"{_mean(recs, 'cpu'):.0f} | {_mean(recs, 'wall_per_iter'):.2f} |")
-    return "\n".join(rows) if len(rows) > 2 else ""
+    return "\n".join(rows + [""] + cost) if len(rows) > 2 else ""
 
 
 def _nuts_probe_table(path: pathlib.Path = NUTS_PROBES) -> str:
