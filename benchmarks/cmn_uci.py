@@ -14,11 +14,13 @@ the model in ``models/cmn.py``:
 * **NUTS** (only when named in ``--methods``): Pyro's NUTS on ``cmn`` with ``z`` enumerated, one
   chain of ``--nuts-warmup`` + ``--nuts-samples`` iterations (default 200 + 200, tree depth at
   most 10), predictive from the draws of Γ, A, γ, B through ``cmn.predict_proba``
-  (``cmn_baselines.fit_nuts``). Measured on 2 shared cores: about 9 minutes per fit on pinwheels
-  and sonar (the chain takes 600-850 leapfrog steps per iteration, 1.6-2.1 ms each); on the
-  larger sets ``--nuts-probe N`` times the first N warm-up iterations and extrapolates
-  (breast cancer and banknote about 10 minutes, rice 20, vehicle 30, waveform 70, before the
-  deeper trees of later warm-up), records in ``benchmarks/out/cmn_nuts_probe.jsonl``.
+  (``cmn_baselines.fit_nuts``). Measured on 2 shared cores: 8-13 minutes per fit on pinwheels
+  and sonar (510-910 leapfrog steps per iteration, near the cap of 1,023, about 2 ms each; 60-130×
+  CAVI-CMN's CPU time); on the larger sets ``--nuts-probe N`` only times the first N warm-up
+  iterations and extrapolates to 400 (banknote 9 minutes, breast cancer 11, rice 19, vehicle 30,
+  waveform 70; at most 21-139 minutes at the depth cap), records in
+  ``benchmarks/out/cmn_nuts_probe.jsonl``. One chain: per-parameter r-hat / ESS are not
+  meaningful (experts switch labels); the predictive is label-invariant.
 
 Reported per method: test accuracy, mean test log predictive density (nats), ECE (20 bins), wall
 and CPU seconds of the fit; for CAVI also sweeps to convergence and seconds per 200 sweeps; for
