@@ -1,8 +1,8 @@
 r"""CAVI-CMN reproduction (issue 4): conditional mixture networks on pinwheels and six UCI sets.
 
 For each data set and split seed: standardised features, stratified split with the authors'
-train sizes (test = the remaining rows), K = 20 experts (pinwheels: K = 10), and four fits of the
-model in ``models/cmn.py``:
+train sizes (test = the remaining rows), K = 20 experts (pinwheels: K = 10), and up to five fits of
+the model in ``models/cmn.py``:
 
 * **CAVI-CMN**: ``pyro_cavi.CAVI`` run until the relative ELBO change drops below ``--tol``
   (at most ``--max-sweeps`` sweeps); posterior predictive by ``cmn.predict_proba`` (Monte Carlo
@@ -10,10 +10,17 @@ model in ``models/cmn.py``:
   ``cmn.predict_proba_bound`` (row "CAVI-CMN (paper predictive)");
 * **MLE**: the same architecture as a deterministic mixture, full-batch Adam (``cmn_baselines``);
 * **MLE+ES**: the same with early stopping on a stratified 20 % validation split of the train set;
-* **BBVI**: Pyro SVI on ``cmn`` with ``z`` enumerated and an AutoNormal guide (``cmn_baselines``).
-
-NUTS is not run: the CMN's local hidden units ``x1`` make N·h continuous latents besides the
-K·h·(D+1) expert weights, far beyond what NUTS finishes in minutes on 2 shared cores.
+* **BBVI**: Pyro SVI on ``cmn`` with ``z`` enumerated and an AutoNormal guide (``cmn_baselines``);
+* **NUTS** (only when named in ``--methods``): Pyro's NUTS on ``cmn`` with ``z`` enumerated, one
+  chain of ``--nuts-warmup`` + ``--nuts-samples`` iterations (default 200 + 200, tree depth at
+  most 10), predictive from the draws of Γ, A, γ, B through ``cmn.predict_proba``
+  (``cmn_baselines.fit_nuts``). Measured on 2 shared cores: 8-13 minutes per fit on pinwheels
+  and sonar (510-910 leapfrog steps per iteration, near the cap of 1,023, about 2 ms each; 60-130×
+  CAVI-CMN's CPU time); on the larger sets ``--nuts-probe N`` only times the first N warm-up
+  iterations and extrapolates to 400 (banknote 9 minutes, breast cancer 11, rice 19, vehicle 30,
+  waveform 70; at most 21-139 minutes at the depth cap), records in
+  ``benchmarks/out/cmn_nuts_probe.jsonl``. One chain: per-parameter r-hat / ESS are not
+  meaningful (experts switch labels); the predictive is label-invariant.
 
 Reported per method: test accuracy, mean test log predictive density (nats), ECE (20 bins), wall
 and CPU seconds of the fit; for CAVI also sweeps to convergence and seconds per 200 sweeps; for
@@ -28,6 +35,8 @@ Run::
     python benchmarks/cmn_uci.py --datasets banknote rice --seeds 0 1
     python benchmarks/cmn_uci.py --report                     # tables from all records so far
     python benchmarks/cmn_uci.py --scaling
+    python benchmarks/cmn_uci.py --datasets pinwheels sonar --seeds 0 --methods NUTS
+    python benchmarks/cmn_uci.py --nuts-probe 10 --datasets breast_cancer vehicle banknote rice waveform
 """
 
 from __future__ import annotations
@@ -49,13 +58,14 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "models"))
 
 import cmn  # noqa: E402
-from cmn_baselines import bbvi_predict_proba, fit_bbvi, fit_mle  # noqa: E402
+from cmn_baselines import bbvi_predict_proba, fit_bbvi, fit_mle, fit_nuts, nuts_predict_proba  # noqa: E402
 from cmn_metrics import accuracy, expected_calibration_error, log_predictive_density  # noqa: E402
 
 from pyro_cavi import CAVI  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "uci"
 RUNS = HERE / "out" / "cmn_runs.jsonl"
+NUTS_PROBES = HERE / "out" / "cmn_nuts_probe.jsonl"
 RESULTS = HERE / "results"
 
 # data set -> (train size, number of experts); pinwheels: 200 train / 1000 test as in the anchors
@@ -88,7 +98,7 @@ ANCHOR_MLE = {  # acc, LPD, ECE (their pinwheels MLE used K = 20)
     "rice": (0.895, -7.26, 0.087),
     "waveform": (0.794, -31.7, 0.200),
 }
-METHODS = ("CAVI-CMN", "MLE", "MLE+ES", "BBVI")
+METHODS = ("CAVI-CMN", "MLE", "MLE+ES", "BBVI", "NUTS")
 
 
 def load(name: str, seed: int, dtype: torch.dtype):
@@ -191,6 +201,57 @@ def run_bbvi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
     return rec
 
 
+def run_nuts(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
+    """One NUTS chain (``--nuts-warmup`` + ``--nuts-samples`` iterations) on ``cmn`` with ``z``
+    enumerated; the predictive pushes every post-warm-up draw of Γ, A, γ, B through
+    ``cmn.predict_proba`` (one x1 per draw). Also records the leapfrog steps (potential and
+    gradient evaluations), divergences and adapted step size."""
+    W, S = args.nuts_warmup, args.nuts_samples
+    with _Clock() as clock:
+        fit = fit_nuts(Xtr, ytr, K, num_warmup=W, num_samples=S, seed=seed, max_tree_depth=args.nuts_max_tree_depth,
+                       prior_scale=args.prior_scale)
+    rec = _scores(nuts_predict_proba(fit, Xte), yte) if S else {}
+    rec.update(wall=clock.wall, cpu=clock.cpu, warmup=W, samples=S, max_tree_depth=args.nuts_max_tree_depth,
+               grads=fit.num_grads, grads_warmup=fit.num_grads_warmup, divergences=fit.divergences,
+               step_size=fit.step_size, wall_warmup=fit.wall_warmup,
+               ms_per_grad=1e3 * clock.wall / fit.num_grads, wall_per_iter=clock.wall / (W + S),
+               latent_dims=sum(v[0].numel() for v in fit.samples.values()))
+    return rec
+
+
+def nuts_probe(args) -> None:
+    """Cost of NUTS where a full fit is out of reach: ``--nuts-probe N`` warm-up iterations (and
+    one draw) per data set and seed, timed; records to ``benchmarks/out/cmn_nuts_probe.jsonl``
+    with the wall seconds per iteration and the time extrapolated to ``--nuts-warmup`` +
+    ``--nuts-samples`` iterations at that rate."""
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    NUTS_PROBES.parent.mkdir(exist_ok=True)
+    import os
+    import subprocess
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    for name in args.datasets:
+        K = DATASETS[name][1]
+        for seed in args.seeds:
+            Xtr, ytr, _, _ = load(name, seed, dtype)
+            with _Clock() as clock:
+                fit = fit_nuts(Xtr, ytr, K, num_warmup=args.nuts_probe, num_samples=1, seed=seed,
+                               max_tree_depth=args.nuts_max_tree_depth, prior_scale=args.prior_scale)
+            iters = args.nuts_probe + 1
+            rec = dict(dataset=name, seed=seed, K=K, n_train=len(ytr), dtype=args.dtype, commit=commit, iters=iters,
+                       wall=clock.wall, cpu=clock.cpu, grads=fit.num_grads, step_size=fit.step_size,
+                       max_tree_depth=args.nuts_max_tree_depth, wall_per_iter=clock.wall / iters,
+                       grads_per_iter=fit.num_grads / iters, ms_per_grad=1e3 * clock.wall / fit.num_grads,
+                       target_iters=args.nuts_warmup + args.nuts_samples,
+                       extrapolated_wall=clock.wall / iters * (args.nuts_warmup + args.nuts_samples),
+                       latent_dims=sum(v[0].numel() for v in fit.samples.values()), load=os.getloadavg()[0])
+            print(json.dumps(rec), flush=True)
+            with open(NUTS_PROBES, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
 def benchmark(args, runs: pathlib.Path = RUNS) -> None:
     torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
@@ -208,6 +269,8 @@ def benchmark(args, runs: pathlib.Path = RUNS) -> None:
                     rec = run_cavi(Xtr, ytr, Xte, yte, K, seed, args)
                 elif method == "BBVI":
                     rec = run_bbvi(Xtr, ytr, Xte, yte, K, seed, args)
+                elif method == "NUTS":
+                    rec = run_nuts(Xtr, ytr, Xte, yte, K, seed, args)
                 else:
                     rec = run_mle(Xtr, ytr, Xte, yte, K, seed, args, early_stopping=method == "MLE+ES")
                 label = method if args.prior_scale is None or method.startswith("MLE") else f"{method} (prior scale {args.prior_scale:g})"
@@ -323,8 +386,60 @@ def report(path: pathlib.Path = RUNS) -> str:
                            f"{_mean(recs, 'ece'):.3f} | {d['ece']:+.3f} | {_mean(recs, 'sweeps'):.0f} ({conv}/{len(recs)}) | "
                            f"{_mean(recs, 'cpu_per_200'):.1f} | {_mean(b, 'cpu_per_200'):.1f} | {_mean(recs, 'elbo'):.1f} | "
                            f"{_mean(b, 'elbo'):.1f} | {higher}/{len(recs)} |")
-    out += ["", _restarts_table(summary), "", _seed_spread_table(summary)]
+    out += ["", _restarts_table(summary), "", _seed_spread_table(summary), "", _nuts_table(summary), "", _nuts_probe_table()]
     return "\n".join(out)
+
+
+def _nuts_table(summary: dict) -> str:
+    """The NUTS fits beside CAVI-CMN and BBVI on the same split seeds, then their cost: leapfrog
+    steps (gradient evaluations) per iteration in warm-up and in sampling, divergent draws,
+    adapted step size, time."""
+    rows = ["| data | seeds | acc: NUTS / CAVI-CMN / BBVI | LPD: NUTS / CAVI-CMN / BBVI | ECE: NUTS / CAVI-CMN / BBVI | "
+            "wall s: NUTS / CAVI-CMN / BBVI |", "|---|---|---|---|---|---|"]
+    cost = ["| data | seeds | continuous latents | warm-up + draws | leapfrog steps / iteration, warm-up / sampling | "
+            "divergent draws | step size | ms / gradient | wall s | CPU s | wall s / iteration |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in DATASETS:
+        if (name, "NUTS") not in summary:
+            continue
+        recs = summary[(name, "NUTS")][1]
+        seeds = [r["seed"] for r in recs]
+        other = {m: [r for r in summary.get((name, m), (None, []))[1] if r["seed"] in seeds] for m in ("CAVI-CMN", "BBVI")}
+        cells = []
+        for key, fmt in (("acc", "{:.3f}"), ("lpd", "{:.3f}"), ("ece", "{:.3f}"), ("wall", "{:.0f}")):
+            vals = [_mean(recs, key)] + [_mean(o, key) if len(o) == len(recs) else None for o in other.values()]
+            cells.append(" / ".join("–" if v is None else fmt.format(v) for v in vals))
+        rows.append(f"| {name} | {','.join(map(str, seeds))} | " + " | ".join(cells) + " |")
+        dims = next((r["latent_dims"] for r in recs if "latent_dims" in r), None)
+        warm = statistics.fmean(r["grads_warmup"] / r["warmup"] for r in recs)
+        samp = statistics.fmean((r["grads"] - r["grads_warmup"]) / r["samples"] for r in recs)
+        div = "; ".join(f"{r['divergences']}/{r['samples']}" for r in recs)
+        cost.append(f"| {name} | {','.join(map(str, seeds))} | {dims or '–'} | {recs[0]['warmup']} + {recs[0]['samples']} | "
+                    f"{warm:.0f} / {samp:.0f} (cap {2 ** recs[0]['max_tree_depth'] - 1}) | {div} | "
+                    f"{_mean(recs, 'step_size'):.3f} | {_mean(recs, 'ms_per_grad'):.2f} | {_mean(recs, 'wall'):.0f} | "
+                    f"{_mean(recs, 'cpu'):.0f} | {_mean(recs, 'wall_per_iter'):.2f} |")
+    return "\n".join(rows + [""] + cost) if len(rows) > 2 else ""
+
+
+def _nuts_probe_table(path: pathlib.Path = NUTS_PROBES) -> str:
+    """``--nuts-probe`` records: the first iterations of warm-up timed, extrapolated."""
+    if not path.exists():
+        return ""
+    latest = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        latest[(r["dataset"], r["seed"], r["iters"])] = r
+    rows = ["| data | N train | K | continuous latents | seed | iterations timed | leapfrog steps / iteration | ms / gradient | "
+            "wall s / iteration | CPU s / iteration | extrapolated wall for warm-up + draws | load |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in DATASETS:
+        for (d, seed, iters), r in sorted(latest.items()):
+            if d != name:
+                continue
+            rows.append(f"| {name} | {r['n_train']} | {r['K']} | {r.get('latent_dims', '–')} | {seed} | {iters} | "
+                        f"{r['grads_per_iter']:.0f} | {r['ms_per_grad']:.2f} | {r['wall_per_iter']:.2f} | "
+                        f"{r['cpu'] / iters:.2f} | {r['extrapolated_wall'] / 60:.0f} min for {r['target_iters']} | {r['load']:.1f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def _seed_spread_table(summary: dict, method: str = "CAVI-CMN") -> str:
@@ -428,12 +543,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["pinwheels", "sonar", "breast_cancer"], choices=list(DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=[m for m in METHODS if m != "NUTS"], choices=list(METHODS),
+                        help="NUTS is run only when named")
     parser.add_argument("--max-sweeps", type=int, default=500)
     parser.add_argument("--tol", type=float, default=1e-5, help="relative ELBO change at which CAVI stops")
     parser.add_argument("--mle-steps", type=int, default=5000)
     parser.add_argument("--bbvi-steps", type=int, default=3000)
     parser.add_argument("--bbvi-lr", type=float, default=0.02)
+    parser.add_argument("--nuts-warmup", type=int, default=200, help="NUTS warm-up iterations (one chain)")
+    parser.add_argument("--nuts-samples", type=int, default=200, help="NUTS draws kept after warm-up (the predictive's draws)")
+    parser.add_argument("--nuts-max-tree-depth", type=int, default=10, help="NUTS tree depth cap (Pyro's default 10)")
+    parser.add_argument("--nuts-probe", type=int, default=0,
+                        help="only time this many NUTS warm-up iterations per data set and seed, extrapolate to "
+                             "--nuts-warmup + --nuts-samples (records to benchmarks/out/cmn_nuts_probe.jsonl)")
     parser.add_argument("--num-samples", type=int, default=200, help="posterior draws for predictive probabilities")
     parser.add_argument("--prior-scale", type=float, default=None,
                         help="the earlier zero-mean CMN with this scale on every Gaussian weight (default: the paper's priors)")
@@ -461,6 +583,9 @@ def main() -> None:
         return
     if args.scaling:
         scaling(args)
+        return
+    if args.nuts_probe:
+        nuts_probe(args)
         return
     runs = RUNS
     if args.quick:  # a separate record file, so that quick settings never mix with the full runs

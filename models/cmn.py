@@ -14,8 +14,9 @@ likelihood is either Gaussian-linear or a stick-breaking logistic with linear lo
 so with Pólya-Gamma augmentation every complete conditional is conjugate; pyro_cavi's
 CAVI finds these updates from the model below (the output logits are bilinear in the
 latent x1 and B, handled with mean-field second moments). The same function runs under
-Pyro SVI (z enumerated). Two predictives: :func:`predict_proba` (Monte Carlo posterior
-predictive) and :func:`predict_proba_bound` (the authors' deterministic bound-based one).
+Pyro SVI and NUTS (z enumerated; ``benchmarks/cmn_baselines.py``). Two predictives:
+:func:`predict_proba` (Monte Carlo posterior predictive) and :func:`predict_proba_bound` (the
+authors' deterministic bound-based one).
 
 Run:  python models/cmn.py  (a small pinwheels fit)
 """
