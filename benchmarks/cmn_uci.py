@@ -15,8 +15,8 @@ the model in ``models/cmn.py``:
   chain of ``--nuts-warmup`` + ``--nuts-samples`` iterations (default 200 + 200, tree depth at
   most 10), predictive from the draws of Γ, A, γ, B through ``cmn.predict_proba``
   (``cmn_baselines.fit_nuts``). Measured on 2 shared cores: 8-13 minutes per fit on pinwheels
-  and sonar (510-910 leapfrog steps per iteration, near the cap of 1,023, about 2 ms each; 60-130×
-  CAVI-CMN's CPU time); on the larger sets ``--nuts-probe N`` only times the first N warm-up
+  and sonar (510-940 leapfrog steps per iteration, near the cap of 1,023, about 2 ms each; 53-233×
+  CAVI-CMN's CPU time per seed); on the larger sets ``--nuts-probe N`` only times the first N warm-up
   iterations and extrapolates to 400 (banknote 9 minutes, breast cancer 11, rice 19, vehicle 30,
   waveform 70; at most 21-139 minutes at the depth cap), records in
   ``benchmarks/out/cmn_nuts_probe.jsonl``. One chain: per-parameter r-hat / ESS are not
