@@ -219,19 +219,27 @@ def run_nuts(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
     return rec
 
 
+def _start_records(args, path: pathlib.Path) -> Tuple[torch.dtype, str]:
+    """One thread, the run's default dtype, the record file's folder; returns the dtype and the
+    commit the records are stamped with."""
+    import subprocess
+
+    torch.set_num_threads(1)
+    dtype = getattr(torch, args.dtype)
+    torch.set_default_dtype(dtype)
+    path.parent.mkdir(exist_ok=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    return dtype, commit
+
+
 def nuts_probe(args) -> None:
     """Cost of NUTS where a full fit is out of reach: ``--nuts-probe N`` warm-up iterations (and
     one draw) per data set and seed, timed; records to ``benchmarks/out/cmn_nuts_probe.jsonl``
     with the wall seconds per iteration and the time extrapolated to ``--nuts-warmup`` +
     ``--nuts-samples`` iterations at that rate."""
-    torch.set_num_threads(1)
-    dtype = getattr(torch, args.dtype)
-    torch.set_default_dtype(dtype)
-    NUTS_PROBES.parent.mkdir(exist_ok=True)
     import os
-    import subprocess
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    dtype, commit = _start_records(args, NUTS_PROBES)
     for name in args.datasets:
         K = DATASETS[name][1]
         for seed in args.seeds:
@@ -253,13 +261,7 @@ def nuts_probe(args) -> None:
 
 
 def benchmark(args, runs: pathlib.Path = RUNS) -> None:
-    torch.set_num_threads(1)
-    dtype = getattr(torch, args.dtype)
-    torch.set_default_dtype(dtype)
-    runs.parent.mkdir(exist_ok=True)
-    import subprocess
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
+    dtype, commit = _start_records(args, runs)
     for name in args.datasets:
         K = DATASETS[name][1]
         for seed in args.seeds:
