@@ -48,7 +48,7 @@ import pyro.distributions as dist
 from .errors import NonConjugateError
 from .factors import CategoricalFactor, ExpFamilyFactor, GaussianFactor
 from .symbolic import Lin, Sym
-from .tracing import LatentSite
+from .tracing import LatentSite, check_one_per_block
 
 Tensor = torch.Tensor
 
@@ -57,10 +57,6 @@ def _log_partition(b: Tensor, loc: Tensor, half_logdet: Tensor) -> Tensor:
     """:math:`\log \int \exp(b^\top x - \tfrac12 x^\top \Lambda x)\,dx` with ``loc`` =
     :math:`\Lambda^{-1} b` and ``half_logdet`` = :math:`\tfrac12 \log\det\Lambda`."""
     return 0.5 * (b * loc).sum(-1) - half_logdet + 0.5 * b.shape[-1] * math.log(2 * math.pi)
-
-
-def _event_shape(x: LatentSite) -> torch.Size:
-    return x.shape[len(x.shape) - x.event_dim:]
 
 
 class CategoricalGaussianFactor(ExpFamilyFactor):
@@ -192,19 +188,12 @@ def members(group: Tuple[str, ...], latents: Dict[str, LatentSite]) -> Optional[
             f"joint: the discrete site {z!r} can only be paired with a Gaussian site; {x!r} has a "
             f"{sx.family} prior (a discrete-Gaussian factor q({z}) q({x} | {z}))"
         )
-    if sx.event_dim > 1:
-        raise ValueError(f"joint: in the discrete-Gaussian pair {group}, {x!r} needs event_dim <= 1, got {sx.event_dim}")
-    batch = sx.shape[: len(sx.shape) - sx.event_dim]
-    if sz.shape != batch:
-        raise ValueError(
-            f"joint: in the discrete-Gaussian pair {group}, {z!r} must have one element per block of {x!r} "
-            f"(shape {tuple(batch)}, the batch shape of {x!r}), got shape {tuple(sz.shape)}"
-        )
+    check_one_per_block("discrete-Gaussian", group, sx, sz)
     return z, x
 
 
 def make_factor(group: str, z: LatentSite, x: LatentSite, dtype, device) -> CategoricalGaussianFactor:
-    event = _event_shape(x)
+    event = x.event_shape
     return CategoricalGaussianFactor(group, z.shape.numel(), z.support.shape[0], event.numel(), dtype, device)
 
 
@@ -213,7 +202,7 @@ def views(z: LatentSite, x: LatentSite, dtype, device) -> Dict[str, ExpFamilyFac
     as a Gaussian site with one block per (block of ``x``, category), block ``b * K + k``, and ``x``
     itself (mixture moments) with its own blocks."""
     k = z.support.shape[0]
-    event = _event_shape(x)
+    event = x.event_shape
     key = conditional_key(z.name, x.name)
     return {
         z.name: CategoricalFactor(z.name, z.shape, 0, dtype, device, support=z.support,
@@ -238,7 +227,7 @@ def _enumerated_shape(z: LatentSite, x: LatentSite) -> Tuple[torch.Size, torch.S
     its block index (event dims of size one)."""
     k = z.support.shape[0]
     batch = z.shape
-    event = _event_shape(x)
+    event = x.event_shape
     pad = -z.enum_dim - 1 - len(batch)
     lead = (k,) + (1,) * pad + tuple(batch)
     return torch.Size(lead + tuple(event)), torch.Size(lead + (1,) * x.event_dim)
@@ -249,7 +238,7 @@ def stand_in(f: CategoricalGaussianFactor, z: LatentSite, x: LatentSite, dtype, 
     being block ``b * K + k`` of the view from :func:`views`."""
     k = z.support.shape[0]
     shape, idx_shape = _enumerated_shape(z, x)
-    event = _event_shape(x)
+    event = x.event_shape
     d = event.numel()
     nb = z.shape.numel()
     idx = (torch.arange(nb, device=device).reshape(1, nb) * k + torch.arange(k, device=device).reshape(k, 1))

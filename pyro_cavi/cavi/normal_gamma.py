@@ -27,7 +27,7 @@ from .errors import NonConjugateError
 from .factors import GammaFactor, GaussianFactor, NormalGammaFactor
 from .rules import unwrap
 from .symbolic import Lin, Pos
-from .tracing import LatentSite
+from .tracing import LatentSite, check_one_per_block
 
 Tensor = torch.Tensor
 
@@ -40,23 +40,14 @@ def members(group: Tuple[str, ...], latents: Dict[str, LatentSite]):
         return None
     w, tau = families["Gaussian"], families["Gamma"]
     sw, st = latents[w], latents[tau]
-    batch = sw.shape[: len(sw.shape) - sw.event_dim]
-    if sw.event_dim > 1:
-        raise ValueError(f"joint: the Normal-Gamma pair {group} needs {w!r} with event_dim <= 1, got {sw.event_dim}")
-    if st.shape != batch:
-        raise ValueError(
-            f"joint: in the Normal-Gamma pair {group}, {tau!r} must have one element per block of {w!r} "
-            f"(shape {tuple(batch)}, the batch shape of {w!r}), got shape {tuple(st.shape)}"
-        )
+    check_one_per_block("Normal-Gamma", group, sw, st)
     return w, tau
 
 
 def make_factor(group: str, w: LatentSite, tau: LatentSite, dtype, device) -> NormalGammaFactor:
     """A fresh factor of the pair; ``tau`` (its shape is ``w``'s batch shape, as :func:`members`
     checks) is taken for the signature :func:`.categorical_gaussian.make_factor` shares."""
-    batch = w.shape[: len(w.shape) - w.event_dim]
-    event = w.shape[len(w.shape) - w.event_dim:]
-    return NormalGammaFactor(group, batch.numel(), event.numel(), dtype, device)
+    return NormalGammaFactor(group, w.batch_shape.numel(), w.event_shape.numel(), dtype, device)
 
 
 def views(w: LatentSite, tau: LatentSite, dtype, device) -> Dict[str, object]:

@@ -47,6 +47,27 @@ class LatentSite:
     local: bool = False  # inside a subsampled plate: refitted on every minibatch
     plates: frozenset = frozenset()  # names of the plates the site sits in
 
+    @property
+    def batch_shape(self) -> torch.Size:
+        return self.shape[: len(self.shape) - self.event_dim]
+
+    @property
+    def event_shape(self) -> torch.Size:
+        return self.shape[len(self.shape) - self.event_dim:]
+
+
+def check_one_per_block(pair: str, group, blocked: "LatentSite", per_block: "LatentSite") -> None:
+    """The checks a joint pair makes of its members: ``blocked`` (a Gaussian site) has blocks of
+    at most one event dimension, and ``per_block`` has one element per block (its shape is
+    ``blocked``'s batch shape). ``pair`` names the kind of pair in the error messages."""
+    if blocked.event_dim > 1:
+        raise ValueError(f"joint: in the {pair} pair {group}, {blocked.name!r} needs event_dim <= 1, got {blocked.event_dim}")
+    if per_block.shape != blocked.batch_shape:
+        raise ValueError(
+            f"joint: in the {pair} pair {group}, {per_block.name!r} must have one element per block of {blocked.name!r} "
+            f"(shape {tuple(blocked.batch_shape)}, the batch shape of {blocked.name!r}), got shape {tuple(per_block.shape)}"
+        )
+
 
 @dataclass
 class Term:
