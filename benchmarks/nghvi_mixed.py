@@ -217,10 +217,12 @@ def _init_loc_fn(name, seed):
     return init_to_value(values=values, fallback=init_to_feasible)
 
 
-def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="paper", rank=3, record=None, num_particles=1):
+def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="paper", rank=3, record=None, num_particles=1,
+        covariance_gradient="reparameterization"):
     """Returns (guide, iterations, elbo trace, per-step seconds).  With a list ``record``, the
     coordinates of every iterate in the averaging window (``_averaged_coordinates``) are appended
-    to it (used by ``nghvi_posterior_sd.py``)."""
+    to it (used by ``nghvi_posterior_sd.py``).  ``covariance_gradient``: HybridELBO's estimator
+    ("reparameterization", the authors', or "stein")."""
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
     model = MODEL_FNS[name]
@@ -233,7 +235,9 @@ def fit(name, method, args, steps, seed, eval_every, path_gradient=True, init="p
         # AutoLowRankMultivariateNormal's own (scale ~0.07, random cov_factor)
         guide = HybridGuide(model, _conditional(name), rank=rank, init_loc_fn=init_loc, init_scale=1.0 if init == "paper" else None)
         optim = NGHVIOptim() if method == "NG-HVI" else SGHVIOptim()
-        svi = SVI(model, guide, optim, HybridELBO(guide.conditional, path_gradient=path_gradient, num_particles=num_particles))
+        loss = HybridELBO(guide.conditional, path_gradient=path_gradient, num_particles=num_particles,
+                          covariance_gradient=covariance_gradient)
+        svi = SVI(model, guide, optim, loss)
     iters, elbos, seconds = [], [], []
     store = pyro.get_param_store()
     average_from, sums = steps - max(1, steps // 10), {}

@@ -17,6 +17,9 @@ from pyro.infer.elbo import ELBO
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from .conditionals import GaussianConditional
+from .natural_gradient import FactorGaussianFisher
+
+_COVARIANCE_GRADIENTS = ("reparameterization", "stein")
 
 
 def _detached(fn):
@@ -61,6 +64,38 @@ def _as_conditional(local_sites):
     return local_sites
 
 
+def _stein_surrogate(surrogate: torch.Tensor, guide_trace, guide) -> torch.Tensor:
+    """``surrogate`` with the same value and the same gradient except along the guide's Gaussian
+    draw ``x = mu + ...``: there ``g . dx/dlambda`` (``g`` the gradient of ``surrogate`` at ``x``) is
+    replaced by ``g . dmu/dlambda + 1/2 v^T (dSigma/dlambda) g``, ``v = Sigma^{-1} (x - mu)``
+    (the Stein covariance gradient, see :class:`HybridELBO`)."""
+    aux = [site for site in guide_trace.nodes.values() if site["type"] == "sample" and site["infer"].get("is_auxiliary")]
+    fn = aux[0]["fn"] if len(aux) == 1 else None
+    if not isinstance(fn, (torch.distributions.LowRankMultivariateNormal, torch.distributions.MultivariateNormal)):
+        raise ValueError(
+            "covariance_gradient='stein' needs a guide whose latent is one Gaussian draw "
+            "(AutoLowRankMultivariateNormal or AutoMultivariateNormal), got "
+            f"{type(guide).__name__} with {len(aux)} auxiliary site(s)"
+            + (f" of type {type(fn).__name__}" if len(aux) == 1 else "")
+        )
+    x = aux[0]["value"]
+    if not x.requires_grad:
+        return surrogate
+    (g,) = torch.autograd.grad(surrogate, x, retain_graph=True)
+    with torch.no_grad():
+        diff = x - fn.loc
+        if isinstance(fn, torch.distributions.LowRankMultivariateNormal):
+            v = FactorGaussianFisher(fn.cov_factor, fn.cov_diag.sqrt()).precision_matmul(diff)
+        else:
+            v = torch.cholesky_solve(diff.unsqueeze(-1), fn.scale_tril).squeeze(-1)
+    if isinstance(fn, torch.distributions.LowRankMultivariateNormal):
+        cov_g = fn.cov_factor @ (fn.cov_factor.T @ g) + fn.cov_diag * g
+    else:
+        cov_g = fn.scale_tril @ (fn.scale_tril.T @ g)
+    replacement = g @ fn.loc + 0.5 * (v @ cov_g) - g @ x
+    return surrogate + replacement - replacement.detach()
+
+
 class HybridELBO(ELBO):
     r"""
     Hybrid variational inference (Zhang, Smith, Maneesoonthorn, Loaiza-Maya 2023,
@@ -101,15 +136,52 @@ class HybridELBO(ELBO):
         :math:`\log p(y, z, \theta) - \log q_\lambda(\theta)` with respect to :math:`\theta`, times
         :math:`\partial\theta/\partial\lambda`), and the default; ``False`` gives the total derivative
         of Pyro's ``Trace_ELBO``.
+    :param str covariance_gradient: how the gradient reaches the guide's covariance parameters.
+        ``"reparameterization"`` (the default, the authors' estimator): through the draw
+        :math:`\theta = \mu + Bz + d \circ \epsilon`, i.e. :math:`\nabla_B = g z^T`,
+        :math:`\nabla_d = g \circ \epsilon` with :math:`g = \nabla_\theta h(\theta)`,
+        :math:`h = \log p(y, z, \theta) - \log q(\theta)`.  ``"stein"``: through an estimate of
+        the gradient with respect to :math:`\Sigma` itself, by Stein's lemma
+        :math:`\mathbb E[g (\theta - \mu)^T] = \mathbb E[\nabla^2 h]\,\Sigma`, so
+        :math:`\nabla_\Sigma \mathbb E[h] = \tfrac12 \mathbb E[\nabla^2 h] \approx
+        \hat G = \tfrac14 (g v^T + v g^T)`, :math:`v = \Sigma^{-1}(\theta - \mu)` (Opper and
+        Archambeau 2009; Lin, Khan and Schmidt 2019), pulled back by the chain rule:
+        :math:`\nabla_B = 2 \hat G B`, :math:`\nabla_{d_i} = 2 \hat G_{ii} d_i` (and likewise for
+        any parameterisation of :math:`\Sigma`).  Both are unbiased for the same gradient; the
+        location gradient is :math:`g` in both.  Why "stein": the reparameterisation estimate
+        depends on how :math:`\Sigma` is parameterised, the Stein one only on :math:`\Sigma`.
+        Where different ``(B, d)`` give the same :math:`\Sigma` (``B`` with ``p`` close to
+        ``dim theta``: the map ``(B lower triangular, d) -> Sigma`` has null directions from
+        ``p = 5`` on in dimension 8, near-null ones from ``p = 4``), the exact gradient has no
+        component along them but the reparameterisation estimate does, pure noise there, and
+        :math:`\nabla_{d_i}` stays of order one as :math:`d_i \to 0` while the exact gradient
+        (``Sigma`` depends on ``d_i^2``) vanishes like :math:`d_i`.  The Stein estimate lies in the
+        span of the exact gradients (no noise along those directions) and vanishes with
+        :math:`d_i`.  NG-HVI in the paper's coordinates needs it beyond ``p = 3``: see
+        :class:`~pyro_cavi.nghvi.NaturalGradientAdadelta` and ``benchmarks/results/nghvi.md``.
+        It needs a guide whose latent is one Gaussian draw (``AutoLowRankMultivariateNormal``,
+        ``AutoMultivariateNormal``) and ``path_gradient=True``; it costs one more backward pass
+        through the model per particle.
     """
 
-    def __init__(self, local_sites, num_particles: int = 1, path_gradient: bool = True):
+    def __init__(
+        self,
+        local_sites,
+        num_particles: int = 1,
+        path_gradient: bool = True,
+        covariance_gradient: str = "reparameterization",
+    ):
         if not (isinstance(num_particles, int) and num_particles >= 1):
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
         if not isinstance(path_gradient, bool):
             raise TypeError(f"path_gradient must be a bool, got {path_gradient!r}")
+        if covariance_gradient not in _COVARIANCE_GRADIENTS:
+            raise ValueError(f"covariance_gradient must be one of {_COVARIANCE_GRADIENTS}, got {covariance_gradient!r}")
+        if covariance_gradient == "stein" and not path_gradient:
+            raise ValueError("covariance_gradient='stein' needs path_gradient=True (the Stein estimate is of the path gradient)")
         super().__init__(num_particles=num_particles)
         self.path_gradient = path_gradient
+        self.covariance_gradient = covariance_gradient
         self.conditional = _as_conditional(local_sites)
         self._warned = False
         self._checked = False
@@ -163,6 +235,8 @@ class HybridELBO(ELBO):
             log_q_path = _path_log_prob(guide_trace)
             log_q = log_q_path + (log_q - log_q_path).detach()
         surrogate = model_trace.log_prob_sum() - log_q
+        if self.covariance_gradient == "stein" and torch.is_grad_enabled():
+            surrogate = _stein_surrogate(surrogate, guide_trace, guide)
         log_conditional = None
         if hasattr(self.conditional, "log_prob"):
             with torch.no_grad():

@@ -23,15 +23,15 @@ from .natural_gradient import from_numpy, natural_gradient, paper_natural_gradie
 _ROLES = ("loc", "cov_factor", "scale")
 
 
-def _clipped_momentum_adadelta(xp, values, direction, buffers, group) -> list:
+def _clipped_momentum_adadelta(xp, values, direction, buffers, group) -> tuple[list, float]:
     """The paper's step after the (natural) gradient, in its order: clip the whole direction's
     norm at ``clip_norm``, momentum ``m`` (``buf = m buf + (1 - m) g``), then ADADELTA
     (``rho``, ``eps``): ``delta = sqrt(acc_delta + eps) / sqrt(square_avg + eps) * buf``.
     ``xp`` is ``numpy`` or ``torch``; ``buffers`` holds, per value, the arrays
     ``momentum_buffer``, ``square_avg`` and ``acc_delta``, updated in place. Returns the new
-    values (``value - delta``)."""
+    values (``value - delta``) and the direction's norm before clipping."""
+    norm = float(sum(float((g * g).sum()) for g in direction)) ** 0.5
     if group["clip_norm"] is not None:
-        norm = float(sum(float((g * g).sum()) for g in direction)) ** 0.5
         if norm > group["clip_norm"]:
             direction = [g * (group["clip_norm"] / norm) for g in direction]
     rho, eps, m = group["rho"], group["eps"], group["momentum"]
@@ -50,7 +50,7 @@ def _clipped_momentum_adadelta(xp, values, direction, buffers, group) -> list:
         acc_delta *= rho
         acc_delta += (1.0 - rho) * delta * delta
         new.append(x - delta)
-    return new
+    return new, norm
 
 
 class NaturalGradientAdadelta(torch.optim.Optimizer):
@@ -162,6 +162,7 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         super().__init__([{"params": params}], defaults)
         self.scale_transform = scale_transform
         self.last_cg_iterations = 0
+        self.last_direction_norm = 0.0  # norm of the last step's (natural) gradient before clipping
 
     def _direction(self, group: dict) -> list[Tensor]:
         loc, cov_factor, u = group["params"]
@@ -246,7 +247,7 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
         else:
             direction = [g_loc, g_B, g_d]
         buffers = [{key: view(st[key]) for key in self._BUFFERS} for st in states]
-        mu, B, d = _clipped_momentum_adadelta(xp, (mu, B, d), direction, buffers, group)
+        (mu, B, d), self.last_direction_norm = _clipped_momentum_adadelta(xp, (mu, B, d), direction, buffers, group)
         sign[...] = xp.where(d < 0, -1.0, 1.0)
         # The guide stores W = B / |d| in its own dtype, and torch's LowRankMultivariateNormal
         # factors I + W^T W: as d_i crosses zero (the authors' additive update lets it) that
@@ -282,7 +283,8 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
                 for p in params:
                     self.state[p].update({key: torch.zeros_like(p) for key in self._BUFFERS})
             buffers = [self.state[p] for p in params]
-            for p, x in zip(params, _clipped_momentum_adadelta(torch, params, direction, buffers, group)):
+            new, self.last_direction_norm = _clipped_momentum_adadelta(torch, params, direction, buffers, group)
+            for p, x in zip(params, new):
                 p.copy_(x)
         return loss
 
