@@ -85,14 +85,26 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
     With ``coordinates="guide"`` every step acts directly on the stored ``(loc, cov_factor, u)``
     (all of ``cov_factor`` free) with the exact Fisher in those coordinates.
 
-    Number of factors.  ``Sigma`` depends on ``d`` only through ``d^2``, so the Fisher
-    information of ``d_i`` vanishes as ``d_i -> 0``; where ``B`` can carry a coordinate's
-    variance, ``d_i`` drifts towards 0 in the paper's coordinates, where the damped natural-gradient
-    steps in ``d_i`` can grow large.  Measured on the 8-parameter linear random-intercept model
-    (``benchmarks/nghvi_rank.py``): with ``p = 3`` (the paper's setting) the paper's coordinates
-    keep the smoothed ELBO within 11 nats of its plateau, with ``p = 4, 5, 8`` their smoothed ELBO makes excursions of 1,500-4,900 nats
-    below the plateau; ``coordinates="guide"`` (``d = softplus(u) > 0``) converges at every
-    ``p``.  With ``p`` close to ``dim theta``, use ``coordinates="guide"``.
+    Number of factors.  With :class:`~pyro_cavi.nghvi.HybridELBO`'s default (reparameterisation)
+    gradient, the paper's coordinates are unstable beyond ``p = 3`` on the 8-parameter linear
+    random-intercept model (``benchmarks/nghvi_rank.py``): with ``p = 4, 5, 8`` the smoothed ELBO
+    falls 1,500-4,900 nats below its plateau again and again.  Traced step by step
+    (``benchmarks/results/nghvi.md``): the map ``(B lower triangular, d) -> Sigma`` has near-null
+    (``p = 4``) and null (``p >= 5``) directions; the exact gradient has no component along them,
+    the single-draw reparameterisation gradient does (pure noise), so the parameters drift along
+    them into regions where the ``(B, d)`` Fisher is nearly singular.  One such region is
+    ``d_i -> 0``: ``Sigma`` depends on ``d_i^2``, so ``F_(d_i, d_i) = 2 d_i^2 P_ii^2`` vanishes
+    (and so does ``d_i``'s damping ``delta F_(d_i, d_i)``) while the estimate of the gradient in
+    ``d_i`` stays of order one; at ``p = 4`` the first excursion starts with ``|d_5| = 2.6e-4``,
+    a natural gradient of norm 381 (all of it in ``d_5``), clipping, and ADADELTA's rate for
+    ``d_5`` falling 100-fold.  With ``HybridELBO(..., covariance_gradient="stein")``, whose
+    estimate has no component along those directions and vanishes with ``d_i``, NG-HVI in the
+    paper's coordinates converges for every ``p`` tried (3, 4, 5, 8); ``coordinates="guide"``
+    (``d = softplus(u) > 0``) converges too.  Neither is the default: the authors' algorithm is
+    the reparameterisation gradient in the paper's coordinates, which is stable at their
+    ``p = 3`` (and the Stein gradient changes the iterations to the plateau at ``p = 3``, see the
+    results file).  Bounding ``d_i``'s damping or ``|d_i|`` from below, a KL trust region on the
+    step, or projecting out only the exact null directions did not make ``p >= 4`` stable.
 
     :param params: exactly ``[loc, cov_factor, scale_unconstrained]``.
     :param scale_transform: the transform ``T`` with ``scale = T(u)`` (e.g.
@@ -298,8 +310,10 @@ class NGHVIOptim(PyroOptim):
     (``lr=1``) on any other parameter.  Defaults are the paper's: damping 10, momentum 0.6,
     ADADELTA ``rho=0.95``, ``eps=1e-6``, clipping the natural gradient's norm at 50, all in the
     paper's coordinates ``(mu, B lower triangular, d)`` (``coordinates="paper"``, see
-    :class:`NaturalGradientAdadelta`, which also says why ``coordinates="guide"`` is the choice
-    when the guide's rank is close to ``dim theta``).
+    :class:`NaturalGradientAdadelta`).  With more than the paper's ``p = 3`` factors, pair it with
+    ``HybridELBO(..., covariance_gradient="stein")`` (or use ``coordinates="guide"``): with the
+    default reparameterisation gradient the paper's coordinates are unstable from ``p = 4`` on
+    (measured with ``dim theta = 8``; :class:`NaturalGradientAdadelta` says why).
 
     Usage::
 
