@@ -99,3 +99,54 @@ def test_fast_broadcast_shapes_refuses_what_torch_refuses():
         torch.broadcast_shapes((3, 2), (4, 2))
     with pytest.raises(RuntimeError, match=r"\(4, 2\)"):
         broadcast_shapes(torch.Size([3, 2]), torch.Size([4, 2]))
+
+
+class _Blocks:
+    def __init__(self, num_blocks, block_size):
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+
+def _gaussian_moments(nb, ne, g):
+    m = torch.randn(nb, ne, generator=g, dtype=torch.float64)
+    a = torch.randn(nb, ne, ne, generator=g, dtype=torch.float64)
+    cov = a @ a.mT + 0.1 * torch.eye(ne, dtype=torch.float64)
+    return m, cov, cov + m.unsqueeze(-1) * m.unsqueeze(-2)
+
+
+@pytest.mark.parametrize("order", ["aligned", "permuted"])
+def test_block_indexed_products_keep_data_broadcast_and_exact_moments(order):
+    """``X @ G.T`` (one block per row of G) and ``A[z] @ x`` (z over all experts, as under
+    enumeration): the coefficients stay X's rows broadcast over the blocks (no (N, K, D) copy)
+    and the mean, variance and weighted second moment equal the formulas written out here,
+    whether the block of each entry is its position (``aligned``) or shuffled."""
+    from pyro_cavi.cavi import expectations as ex
+    from pyro_cavi.cavi.symbolic import Sym, identity_lin
+
+    g = torch.Generator().manual_seed(3)
+    N, D, K, h = 7, 4, 5, 2
+    X = torch.randn(N, D, generator=g, dtype=torch.float64)
+    G = Sym(torch.zeros(K, D, dtype=torch.float64), identity_lin("G", torch.Size([K, D]), 1, False, torch.float64, "cpu"))
+    A = Sym(torch.zeros(K, h, D, dtype=torch.float64), identity_lin("A", torch.Size([K, h, D]), 1, False, torch.float64, "cpu"))
+    perm = torch.arange(K) if order == "aligned" else torch.tensor([2, 0, 4, 1, 3])
+    mG, cG, MG = _gaussian_moments(K, D, g)
+    mA, cA, MA = _gaussian_moments(K * h, D, g)
+    mu = {"G": (mG, MG), "A": (mA, MA)}
+    factors = {"G": _Blocks(K, D), "A": _Blocks(K * h, D)}
+
+    gate = X @ G.T  # (N, K)
+    (coef, _), = gate._expr.terms.values()
+    assert compact(coef).shape == (N, 1, D)  # X's rows, broadcast over the K blocks
+    loc = (A[perm.reshape(K, 1)] @ X.unsqueeze(-1)).squeeze(-1)  # (K, N, h)
+    (coef, _), = loc._expr.terms.values()
+    assert compact(coef).numel() == N * D
+
+    torch.testing.assert_close(ex.mean(gate, factors, mu), X @ mG.T)
+    torch.testing.assert_close(ex.variance(gate, factors, mu), torch.einsum("nd,kde,ne->nk", X, cG, X))
+    mA_k = mA.reshape(K, h, D)[perm]
+    torch.testing.assert_close(ex.mean(loc, factors, mu), torch.einsum("khd,nd->knh", mA_k, X))
+    cA_k = cA.reshape(K, h, D, D)[perm]
+    var = torch.einsum("nd,khde,ne->knh", X, cA_k, X)
+    torch.testing.assert_close(ex.variance(loc, factors, mu), var)
+    w = torch.rand(K, N, 1, generator=g, dtype=torch.float64)  # responsibilities, broadcast over h
+    expected = (w * (torch.einsum("khd,nd->knh", mA_k, X) ** 2 + var)).sum()
+    torch.testing.assert_close(ex.weighted_second_moment(loc, w, factors, mu), expected)

@@ -161,6 +161,12 @@ def mean(x, factors: Dict[str, ExpFamilyFactor], mu: Moments) -> Tensor:
         if f.num_blocks == 1:
             out = out + (const_matmul(coef, m[0].unsqueeze(-1)).squeeze(-1) if _is_batched(m) else coef @ m[0])
             continue
+        if not _is_batched(m):
+            blocks = _aligned_blocks(idx, m.shape[0])
+            if blocks is not None:  # block b(n) read off the position n: one contraction, nothing gathered
+                m_b = m.reshape(blocks + m.shape[-1:])
+                out = out + broadcast_sum((coef, m_b), e.shape + m.shape[-1:], e.shape + (1,)).reshape(e.shape)
+                continue
         layout = _mean_layout(coef, idx, e.shape, m.shape[0])
         if layout is None:
             out = out + (coef * m[idx]).sum(-1)
@@ -171,6 +177,24 @@ def mean(x, factors: Dict[str, ExpFamilyFactor], mu: Moments) -> Tensor:
             rows, unsort = layout
             out = out + (rows @ m.unsqueeze(-1)).reshape(-1)[unsort].reshape(e.shape)
     return out
+
+
+def _aligned_blocks(idx: Tensor, num_blocks: int) -> Optional[torch.Size]:
+    """When the block index is the position itself (``idx`` = ``arange(num_blocks)`` laid out
+    over the dimensions it varies along, as for ``A[z]`` with z enumerated), the shape to view
+    the block means as so they broadcast against the expression; else None (cached)."""
+    store = symbolic._MEMO
+    key = ("aligned-blocks", id(idx), num_blocks)
+    if store is not None:
+        hit = store.get(key)
+        if hit is not None and hit[0] is idx:
+            return hit[1]
+    c = compact(idx)
+    aligned = c.numel() == num_blocks and torch.equal(c.reshape(-1), torch.arange(num_blocks, device=c.device))
+    shape = c.shape if aligned else None
+    if store is not None:
+        store[key] = (idx, shape)
+    return shape
 
 
 def _mean_layout(coef: Tensor, idx: Tensor, shape: torch.Size, num_blocks: int):

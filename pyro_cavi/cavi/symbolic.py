@@ -873,12 +873,15 @@ def _matmul(shape, a, b):
     return out
 
 
-def _is_identity_column(coef: Tensor) -> bool:
-    """Whether coefficients of shape (k, 1, k) are the identity: the expression of a vector
-    site's own value, made a column for a matrix product."""
-    if coef.dim() != 3 or coef.shape[1] != 1 or coef.shape[0] != coef.shape[2]:
+def _selects_own_row(coef: Tensor) -> bool:
+    """Whether coefficients of shape (..., k, m, k) pick coordinate i of a block at every entry
+    (i, j) of ``W``: a vector site made a column (m = 1), or ``W`` made of the rows or columns of
+    a site's blocks (``gate.T``, ``A[z].mT``). Then ``X @ W`` has X's row as the coefficient of
+    every output entry, kept broadcast over j and over the blocks (no copy per block)."""
+    if coef.dim() < 3 or coef.shape[-3] != coef.shape[-1]:
         return False
-    return torch.equal(coef[:, 0, :], torch.eye(coef.shape[0], dtype=coef.dtype, device=coef.device))
+    eye = torch.eye(coef.shape[-1], dtype=coef.dtype, device=coef.device).unsqueeze(-2)
+    return torch.equal(coef, eye.expand(coef.shape))
 
 
 def _const_matmul_lin(X: Tensor, W: Lin) -> Lin:
@@ -895,8 +898,9 @@ def _const_matmul_lin(X: Tensor, W: Lin) -> Lin:
         first = idx.narrow(-2, 0, 1)
         if idx.shape[-2] > 1 and not torch.equal(idx, first.expand_as(idx)):
             raise _Densify(s)
-        if _is_identity_column(coef):  # X @ w for a vector site w: the coefficients are X itself
+        if _selects_own_row(coef):  # the coefficients are X itself
             c = Xm.unsqueeze(-2).to(coef.dtype)
+            c = c.expand(broadcast_shapes(c.shape[:-3], coef.shape[:-3]) + (Xm.shape[-2], coef.shape[-2], Xm.shape[-1]))
         else:
             c = torch.einsum("...nk,...kme->...nme", Xm, coef)
         terms[s] = (c, first.expand(c.shape[:-1]))
