@@ -161,12 +161,11 @@ def mean(x, factors: Dict[str, ExpFamilyFactor], mu: Moments) -> Tensor:
         if f.num_blocks == 1:
             out = out + (const_matmul(coef, m[0].unsqueeze(-1)).squeeze(-1) if _is_batched(m) else coef @ m[0])
             continue
-        if not _is_batched(m):
-            blocks = _aligned_blocks(idx, m.shape[0])
-            if blocks is not None:  # block b(n) read off the position n: one contraction, nothing gathered
-                m_b = m.reshape(blocks + m.shape[-1:])
-                out = out + broadcast_sum((coef, m_b), e.shape + m.shape[-1:], e.shape + (1,)).reshape(e.shape)
-                continue
+        blocks = _aligned_blocks(idx, m.shape[0])
+        if blocks is not None:  # block b(n) read off the position n: one contraction, nothing gathered
+            m_b = m.reshape(blocks + m.shape[-1:])
+            out = out + broadcast_sum((coef, m_b), e.shape + m.shape[-1:], e.shape + (1,)).reshape(e.shape)
+            continue
         layout = _mean_layout(coef, idx, e.shape, m.shape[0])
         if layout is None:
             out = out + (coef * m[idx]).sum(-1)
