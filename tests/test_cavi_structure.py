@@ -266,6 +266,34 @@ def test_nan_or_inf_data_is_named(bad):
         CAVI(model).step(y)
 
 
+def _logistic_counts(y, n, keep=None):
+    X = torch.tensor([[1.0, 0.5], [1.0, -1.0], [1.0, 2.0], [1.0, 0.0]])
+
+    def model(y):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", 4), poutine.mask(mask=True if keep is None else keep):
+            pyro.sample("y", dist.Binomial(total_count=n, logits=X @ beta), obs=y)
+
+    return model
+
+
+@pytest.mark.parametrize("bad, shown", [(5.0, "5.0"), (-1.0, "-1.0"), (1.5, "1.5")])
+def test_data_outside_the_support_is_named(bad, shown):
+    torch.set_default_dtype(torch.float64)
+    n = torch.tensor([3.0, 4.0, 2.0, 6.0])
+    y = torch.tensor([1.0, 2.0, 0.0, 6.0])
+    y[2] = bad
+    with pytest.raises(ValueError, match=rf"observed site 'y': 1 value\(s\) outside the support .* of its Binomial \(e\.g\. {shown} at index \(2,\)\)"):
+        CAVI(_logistic_counts(y, n)).step(y)
+    # masked out, the same value is ignored: the fit equals the fit without that datum
+    keep = torch.tensor([True, True, False, True])
+    masked = CAVI(_logistic_counts(y, n, keep))
+    fit(masked, y)
+    clean = CAVI(_logistic_counts(torch.where(keep, y, 0.0), n, keep))
+    fit(clean, torch.where(keep, y, 0.0))
+    torch.testing.assert_close(masked.posterior["beta"].mean, clean.posterior["beta"].mean)
+
+
 def test_wrong_data_shape_is_named():
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

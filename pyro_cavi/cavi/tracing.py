@@ -149,6 +149,32 @@ def _check_observed(name: str, site) -> None:
             f"observed site {name!r}: data of shape {tuple(value.shape)} are larger than the distribution's "
             f"shape {tuple(expected)}; wrap the site in a pyro.plate of the right size"
         )
+    _check_support(name, site)
+
+
+def _check_support(name: str, site) -> None:
+    """Unmasked observed values must lie in the support of the site's distribution (an integer in
+    {0, ..., total_count} for a Binomial, 0 or 1 for a Bernoulli, positive for a Gamma ...)."""
+    value, fn = site["value"], site["fn"]
+    ok = fn.support.check(value)
+    mask = _combined_mask(site)
+    if mask is not None:
+        event_dim = fn.event_dim
+        mask = mask.reshape(mask.shape[: mask.dim() - event_dim]) if event_dim else mask
+        ok = ok | ~mask
+    if ok.all():
+        return
+    bad = ~ok
+    index = tuple(bad.nonzero()[0].tolist())
+    example = value.expand(torch.broadcast_shapes(value.shape, bad.shape + value.shape[value.dim() - fn.event_dim:]))[index]
+    support = repr(fn.support)
+    support = support if len(support) <= 60 else type(fn.support).__name__.lstrip("_")
+    base, _, _ = unwrap(fn)
+    raise ValueError(
+        f"observed site {name!r}: {int(bad.sum())} value(s) outside the support {support} of its "
+        f"{type(base).__name__} (e.g. {example.tolist()} at index {index}); "
+        "fix the data or mask them with poutine.mask / .mask(...)"
+    )
 
 
 def prior_structure(model, args, kwargs):
