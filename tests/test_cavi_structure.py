@@ -283,7 +283,7 @@ def test_data_outside_the_support_is_named(bad, shown):
     n = torch.tensor([3.0, 4.0, 2.0, 6.0])
     y = torch.tensor([1.0, 2.0, 0.0, 6.0])
     y[2] = bad
-    with pytest.raises(ValueError, match=rf"observed site 'y': 1 value\(s\) outside the support .* of its Binomial \(e\.g\. {shown} at index \(2,\)\)"):
+    with pytest.raises(ValueError, match=rf"observed site 'y': 1 value\(s\) outside the support of its Binomial, e\.g\. {shown} at index \(2,\) \(support IntegerInterval\(0, 2\.0\) at that index\)"):
         CAVI(_logistic_counts(y, n)).step(y)
     # masked out, the same value is ignored: the fit equals the fit without that datum
     keep = torch.tensor([True, True, False, True])
@@ -292,6 +292,29 @@ def test_data_outside_the_support_is_named(bad, shown):
     clean = CAVI(_logistic_counts(torch.where(keep, y, 0.0), n, keep))
     fit(clean, torch.where(keep, y, 0.0))
     torch.testing.assert_close(masked.posterior["beta"].mean, clean.posterior["beta"].mean)
+
+
+@pytest.mark.parametrize("where", ["prior scale", "prior concentration", "total_count"])
+def test_invalid_constant_parameters_are_named(where):
+    """The model is traced with Pyro's validation off; constant parameters are still checked
+    (before: a NaN or -inf ELBO, a misleading NonConjugateError, or a silent fit)."""
+    y = torch.tensor([1.0, 2.0, 0.0])
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 0.0 if where == "prior scale" else 1.0))
+        tau = pyro.sample("tau", dist.Gamma(-1.0 if where == "prior concentration" else 1.0, 1.0))
+        n = torch.tensor([3.0, 2.5 if where == "total_count" else 2.0, 4.0])
+        with pyro.plate("data", 3):
+            pyro.sample("x", dist.Normal(mu, tau.rsqrt()), obs=y)
+            pyro.sample("y", dist.Binomial(total_count=n, logits=mu), obs=y)
+
+    expected = {
+        "prior scale": r"site 'mu': parameter 'scale' of its Normal has 1 value\(s\) outside GreaterThan\(lower_bound=0\.0\) \(e\.g\. 0\.0 at index \(\)\)",
+        "prior concentration": r"site 'tau': parameter 'concentration' of its Gamma has 1 value\(s\) outside .* \(e\.g\. -1\.0 at index \(\)\)",
+        "total_count": r"site 'y': parameter 'total_count' of its Binomial has 1 value\(s\) outside IntegerGreaterThan\(lower_bound=0\) \(e\.g\. 2\.5 at index \(1,\)\)",
+    }[where]
+    with pytest.raises(ValueError, match=expected):
+        CAVI(model).step(y)
 
 
 def test_wrong_data_shape_is_named():

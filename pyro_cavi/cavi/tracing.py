@@ -28,6 +28,7 @@ from pyro.poutine.util import site_is_subsample
 from ..distributions.stick_breaking import StickBreakingCategorical
 from .errors import NonConjugateError
 from .rules import unwrap
+from .symbolic import Sym
 
 Tensor = torch.Tensor
 
@@ -168,13 +169,38 @@ def _check_support(name: str, site) -> None:
     index = tuple(bad.nonzero()[0].tolist())
     example = value.expand(torch.broadcast_shapes(value.shape, bad.shape + value.shape[value.dim() - fn.event_dim:]))[index]
     support = repr(fn.support)
-    support = support if len(support) <= 60 else type(fn.support).__name__.lstrip("_")
+    if len(support) > 60:  # bounds that are tensors (a Binomial's total_count): show them at the index
+        bounds = [getattr(fn.support, key, None) for key in ("lower_bound", "upper_bound")]
+        bounds = [b.expand(bad.shape)[index].item() if isinstance(b, torch.Tensor) else b for b in bounds]
+        support = f"{type(fn.support).__name__.lstrip('_')}({bounds[0]}, {bounds[1]}) at that index"
     base, _, _ = unwrap(fn)
     raise ValueError(
-        f"observed site {name!r}: {int(bad.sum())} value(s) outside the support {support} of its "
-        f"{type(base).__name__} (e.g. {example.tolist()} at index {index}); "
+        f"observed site {name!r}: {int(bad.sum())} value(s) outside the support of its {type(base).__name__}, "
+        f"e.g. {example.tolist()} at index {index} (support {support}); "
         "fix the data or mask them with poutine.mask / .mask(...)"
     )
+
+
+def _check_params(name: str, fn) -> None:
+    """A site's distribution parameters that are constants (no latent flows into them) must satisfy
+    the distribution's argument constraints: a Normal's scale > 0, a Gamma's concentration > 0, a
+    Binomial's total_count a non-negative integer. The model is traced with Pyro's validation off
+    (symbolic stand-ins would trip it), so this check stands in for it."""
+    base, _, _ = unwrap(fn)
+    for key, constraint in getattr(base, "arg_constraints", {}).items():
+        value = base.__dict__.get(key)
+        if not isinstance(value, torch.Tensor) or isinstance(value, Sym) or dist.constraints.is_dependent(constraint):
+            continue
+        ok = constraint.check(value)
+        if ok.all():
+            continue
+        bad = ~ok
+        index = tuple(bad.nonzero()[0].tolist())
+        example = value.expand(torch.broadcast_shapes(value.shape, bad.shape + value.shape[bad.dim():]))[index]
+        raise ValueError(
+            f"site {name!r}: parameter {key!r} of its {type(base).__name__} has {int(bad.sum())} value(s) "
+            f"outside {constraint} (e.g. {example.tolist()} at index {index})"
+        )
 
 
 def prior_structure(model, args, kwargs):
@@ -281,6 +307,7 @@ class SymbolicMessenger(Messenger):
             return
         if msg["type"] != "sample" or msg["infer"].get("_deterministic"):
             return
+        _check_params(msg["name"], msg["fn"])
         if self.shapes is not None and msg["is_observed"]:
             _check_observed(msg["name"], msg)
         mask = msg["mask"] if isinstance(msg["mask"], torch.Tensor) else None
