@@ -231,14 +231,18 @@ def prior_structure(model, args, kwargs):
             _check_observed(name, site)
             observed.append(name)
             v = site["value"]
-            if dtype is None and v.is_floating_point():
-                dtype, device = v.dtype, v.device
+            if v.is_floating_point():
+                dtype = v.dtype if dtype is None else torch.promote_types(dtype, v.dtype)
+                device = v.device if device is None else device
             continue
         family, event_dim = _family(name, fn)
         shape = site["value"].shape
-        if latent_dtype is None and site["value"].is_floating_point():
-            # labels-only models (a classifier's observed site is integer): the prior's dtype
-            latent_dtype, latent_device = site["value"].dtype, site["value"].device
+        if site["value"].is_floating_point():
+            # the model's latents decide as much as the data: float64 latents with float32 (or
+            # integer) observations compute in float64, as the model itself would
+            v = site["value"]
+            latent_dtype = v.dtype if latent_dtype is None else torch.promote_types(latent_dtype, v.dtype)
+            latent_device = v.device if latent_device is None else latent_device
         support = None
         if family == "Categorical":
             base, _, _ = unwrap(fn)
@@ -257,8 +261,9 @@ def prior_structure(model, args, kwargs):
             if site["type"] == "sample" and isinstance(site["value"], torch.Tensor) and site["value"].is_floating_point():
                 device = site["value"].device
                 break
-    if dtype is None:
-        dtype, device = latent_dtype, latent_device if device is None else device
+    if latent_dtype is not None:
+        dtype = latent_dtype if dtype is None else torch.promote_types(dtype, latent_dtype)
+        device = latent_device if device is None else device
     dtype = dtype or torch.get_default_dtype()
     device = device or torch.device("cpu")
     for i, site in enumerate(s for s in latents.values() if s.family == "Categorical"):
