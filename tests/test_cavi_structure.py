@@ -317,6 +317,22 @@ def test_invalid_constant_parameters_are_named(where):
         CAVI(model).step(y)
 
 
+def test_indexing_a_discrete_latent_itself_is_explained():
+    # z[group] indexes the enumerated dimension: before, a bare "IndexError: index 2 is out of
+    # bounds for dimension 0 with size 2" from inside the model
+    group = torch.arange(4).repeat_interleave(3)
+
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("groups", 4):
+            z = pyro.sample("z", dist.Bernoulli(0.5))
+        with pyro.plate("data", 12):
+            pyro.sample("y", dist.Normal(loc + z[group], 1.0), obs=y)
+
+    with pytest.raises(NonConjugateError, match=r"IndexError: index 2 is out of bounds.*discrete latent site\(s\) \['z'\] held at their enumerated values \(shapes \[\(2, 1\)\]"):
+        CAVI(model).step(torch.randn(12))
+
+
 def test_wrong_data_shape_is_named():
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

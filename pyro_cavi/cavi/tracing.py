@@ -326,19 +326,35 @@ class SymbolicMessenger(Messenger):
         self.terms.append(Term(msg["name"], msg["fn"], value, msg["is_observed"], msg["scale"], mask, plates=plates))
 
 
-def symbolic_trace(model, args, kwargs, values: Dict[str, Tensor]) -> List[Term]:
-    with pyro.validation_enabled(False):
-        messenger = SymbolicMessenger(values)
-        with messenger:
+def _run_symbolically(messenger: "SymbolicMessenger", model, args, kwargs, values: Dict[str, Tensor]) -> None:
+    """Run ``model`` under ``messenger``; an indexing or shape error with discrete latents held at
+    their enumerated values is re-raised saying so (the model's own line is in the traceback)."""
+    try:
+        with pyro.validation_enabled(False), messenger:
             model(*args, **kwargs)
+    except (IndexError, RuntimeError) as e:
+        discrete = {name: tuple(v.shape) for name, v in values.items() if not isinstance(v, Sym)}
+        if not discrete:
+            raise
+        raise NonConjugateError(
+            f"tracing the model failed ({type(e).__name__}: {e}) with the discrete latent site(s) "
+            f"{sorted(discrete)} held at their enumerated values (shapes {[discrete[n] for n in sorted(discrete)]}: "
+            "the values in a dimension of their own left of the plates, as in Pyro's parallel enumeration). "
+            "CAVI lets a discrete latent index parameters (locs[z]) in the plate it is drawn in; indexing, "
+            "gathering or reshaping the discrete latent itself (e.g. z[group]) is not supported: lay the data "
+            "out along the discrete latent's plate (e.g. rows as (groups, rows per group), the rows' plate nested in it)"
+        ) from e
+
+
+def symbolic_trace(model, args, kwargs, values: Dict[str, Tensor]) -> List[Term]:
+    messenger = SymbolicMessenger(values)
+    _run_symbolically(messenger, model, args, kwargs, values)
     return messenger.terms
 
 
 def symbolic_retrace(model, args, kwargs, values: Dict[str, Tensor], shapes: Dict[str, torch.Size]):
     """:func:`symbolic_trace` against a cached structure (for a new minibatch): returns the terms
     and the names of the subsampled plates, or raises :class:`StructureChanged`."""
-    with pyro.validation_enabled(False):
-        messenger = SymbolicMessenger(values, shapes)
-        with messenger:
-            model(*args, **kwargs)
+    messenger = SymbolicMessenger(values, shapes)
+    _run_symbolically(messenger, model, args, kwargs, values)
     return messenger.terms, messenger.subsampled
