@@ -333,6 +333,28 @@ def test_indexing_a_discrete_latent_itself_is_explained():
         CAVI(model).step(torch.randn(12))
 
 
+@pytest.mark.parametrize("likelihood", ["normal", "bernoulli"])
+def test_obs_mask_latent_is_refused(likelihood):
+    """pyro.sample(..., obs_mask=m) makes a latent site 'y_unobserved' masked by ~m. Before: for a
+    Normal, a NonConjugateError about a non-positive-definite precision; for a Bernoulli, a fit
+    whose ELBO could exceed the log evidence, which is at most 0 for binary data."""
+    torch.set_default_dtype(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 2, generator=g)
+    y = (X[:, 0] > 0).double() if likelihood == "bernoulli" else X[:, 0] + 1.0
+    keep = torch.arange(20) % 4 != 0  # 5 missing entries, 15 masked-out elements of y_unobserved
+    y = torch.where(keep, y, torch.tensor(float("nan")))
+
+    def model(y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", 20):
+            fn = dist.Bernoulli(logits=X @ w) if likelihood == "bernoulli" else dist.Normal(X @ w, 1.0)
+            pyro.sample("y", fn, obs=y, obs_mask=keep)
+
+    with pytest.raises(NonConjugateError, match=r"latent site 'y_unobserved' is masked \(the missing entries of pyro\.sample\('y', \.\.\., obs_mask=\.\.\.\)\): 15 of its elements"):
+        CAVI(model).step(y)
+
+
 def test_wrong_data_shape_is_named():
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

@@ -203,6 +203,26 @@ def _check_params(name: str, fn) -> None:
         )
 
 
+def _refuse_masked_latent(name: str, site) -> None:
+    """A latent site with masked-out elements (``poutine.mask``, ``.mask(...)``, or the
+    ``<name>_unobserved`` site of ``pyro.sample(..., obs_mask=...)``) is refused: its factor would
+    cover every element, the masked-out ones with no prior (an improper Gaussian, or a Categorical
+    whose entropy inflates the ELBO above the log evidence)."""
+    mask = _combined_mask(site)
+    if mask is None or bool(mask.all()):
+        return
+    hint = (
+        f" (the missing entries of pyro.sample({name[: -len('_unobserved')]!r}, ..., obs_mask=...))"
+        if name.endswith("_unobserved") else ""
+    )
+    raise NonConjugateError(
+        f"latent site {name!r} is masked{hint}: {int((~mask).sum())} of its elements are masked out, and CAVI "
+        "fits every element of a latent site, so those would have no prior and no likelihood. Mask only "
+        "observed sites: to impute missing data, sample the missing entries as a latent site of their own "
+        "(e.g. in a plate over the missing rows) and observe the rest"
+    )
+
+
 def prior_structure(model, args, kwargs):
     """Trace the prior once; return (latent sites in order, observed site names, max plate nesting,
     dtype, device, names of the subsampled plates)."""
@@ -236,6 +256,7 @@ def prior_structure(model, args, kwargs):
                 device = v.device if device is None else device
             continue
         family, event_dim = _family(name, fn)
+        _refuse_masked_latent(name, site)
         shape = site["value"].shape
         if site["value"].is_floating_point():
             # the model's latents decide as much as the data: float64 latents with float32 (or
