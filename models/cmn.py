@@ -128,7 +128,19 @@ def cmn(X, y=None, num_experts: int = 20, num_classes: int | None = None, hidden
     this file used before (``prior_scale=1, precision_rate=2``).
     """
     N, D = X.shape
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 2:
+        raise ValueError(
+            "cmn: num_experts must be an int >= 2 (the gating is a stick-breaking categorical with "
+            f"num_experts - 1 sticks), got {num_experts!r}"
+        )
+    if hidden is not None and (isinstance(hidden, bool) or not isinstance(hidden, int) or hidden < 1):
+        raise ValueError(f"cmn: hidden must be None or an int >= 1, got {hidden!r}")
     L = num_classes or int(y.max()) + 1
+    if L < 2:
+        raise ValueError(
+            "cmn: a classifier needs at least 2 classes (the output layer has num_classes - 1 sticks), "
+            f"got num_classes={L}" + (" (inferred from y.max() + 1)" if num_classes is None else "")
+        )
     h = hidden or L - 1
     K = num_experts
     dtype = X.dtype

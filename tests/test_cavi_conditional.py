@@ -68,6 +68,17 @@ def test_missing_theta_and_non_gaussian_conditionals_are_refused():
     with pytest.raises(NonConjugateError, match="PolyaGammaGibbs"):
         CAVIConditional(["u"]).fit(logistic, {"w": torch.tensor(1.0)}, x, (y > 1).double())
 
+    def discrete(x, group, y):
+        b = pyro.sample("b", dist.Normal(0.0, 1.0))
+        with pyro.plate("groups", 5):
+            a = pyro.sample("a", dist.Bernoulli(0.5))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal(b + a[group], 1.0), obs=y)
+
+    # before: an IndexError from tracing the model with 'a' enumerated
+    with pytest.raises(NonConjugateError, match=r"local site 'a' is discrete \(Bernoulli\)"):
+        CAVIConditional(["a"]).fit(discrete, {"b": torch.tensor(0.0)}, x, group, y)
+
 
 def test_cavi_conditional_agrees_with_nghvi_gaussian_conditional_and_drives_hybrid_vi():
     """The CAVI-derived conditional of the random intercepts in the paper's Example 1 model equals

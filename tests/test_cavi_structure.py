@@ -266,6 +266,95 @@ def test_nan_or_inf_data_is_named(bad):
         CAVI(model).step(y)
 
 
+def _logistic_counts(y, n, keep=None):
+    X = torch.tensor([[1.0, 0.5], [1.0, -1.0], [1.0, 2.0], [1.0, 0.0]])
+
+    def model(y):
+        beta = pyro.sample("beta", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", 4), poutine.mask(mask=True if keep is None else keep):
+            pyro.sample("y", dist.Binomial(total_count=n, logits=X @ beta), obs=y)
+
+    return model
+
+
+@pytest.mark.parametrize("bad, shown", [(5.0, "5.0"), (-1.0, "-1.0"), (1.5, "1.5")])
+def test_data_outside_the_support_is_named(bad, shown):
+    torch.set_default_dtype(torch.float64)
+    n = torch.tensor([3.0, 4.0, 2.0, 6.0])
+    y = torch.tensor([1.0, 2.0, 0.0, 6.0])
+    y[2] = bad
+    with pytest.raises(ValueError, match=rf"observed site 'y': 1 value\(s\) outside the support of its Binomial, e\.g\. {shown} at index \(2,\) \(support IntegerInterval\(0, 2\.0\) at that index\)"):
+        CAVI(_logistic_counts(y, n)).step(y)
+    # masked out, the same value is ignored: the fit equals the fit without that datum
+    keep = torch.tensor([True, True, False, True])
+    masked = CAVI(_logistic_counts(y, n, keep))
+    fit(masked, y)
+    clean = CAVI(_logistic_counts(torch.where(keep, y, 0.0), n, keep))
+    fit(clean, torch.where(keep, y, 0.0))
+    torch.testing.assert_close(masked.posterior["beta"].mean, clean.posterior["beta"].mean)
+
+
+@pytest.mark.parametrize("where", ["prior scale", "prior concentration", "total_count"])
+def test_invalid_constant_parameters_are_named(where):
+    """The model is traced with Pyro's validation off; constant parameters are still checked
+    (before: a NaN or -inf ELBO, a misleading NonConjugateError, or a silent fit)."""
+    y = torch.tensor([1.0, 2.0, 0.0])
+
+    def model(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 0.0 if where == "prior scale" else 1.0))
+        tau = pyro.sample("tau", dist.Gamma(-1.0 if where == "prior concentration" else 1.0, 1.0))
+        n = torch.tensor([3.0, 2.5 if where == "total_count" else 2.0, 4.0])
+        with pyro.plate("data", 3):
+            pyro.sample("x", dist.Normal(mu, tau.rsqrt()), obs=y)
+            pyro.sample("y", dist.Binomial(total_count=n, logits=mu), obs=y)
+
+    expected = {
+        "prior scale": r"site 'mu': parameter 'scale' of its Normal has 1 value\(s\) outside GreaterThan\(lower_bound=0\.0\) \(e\.g\. 0\.0 at index \(\)\)",
+        "prior concentration": r"site 'tau': parameter 'concentration' of its Gamma has 1 value\(s\) outside .* \(e\.g\. -1\.0 at index \(\)\)",
+        "total_count": r"site 'y': parameter 'total_count' of its Binomial has 1 value\(s\) outside IntegerGreaterThan\(lower_bound=0\) \(e\.g\. 2\.5 at index \(1,\)\)",
+    }[where]
+    with pytest.raises(ValueError, match=expected):
+        CAVI(model).step(y)
+
+
+def test_indexing_a_discrete_latent_itself_is_explained():
+    # z[group] indexes the enumerated dimension: before, a bare "IndexError: index 2 is out of
+    # bounds for dimension 0 with size 2" from inside the model
+    group = torch.arange(4).repeat_interleave(3)
+
+    def model(y):
+        loc = pyro.sample("loc", dist.Normal(0.0, 1.0))
+        with pyro.plate("groups", 4):
+            z = pyro.sample("z", dist.Bernoulli(0.5))
+        with pyro.plate("data", 12):
+            pyro.sample("y", dist.Normal(loc + z[group], 1.0), obs=y)
+
+    with pytest.raises(NonConjugateError, match=r"IndexError: index 2 is out of bounds.*discrete latent site\(s\) \['z'\] held at their enumerated values \(shapes \[\(2, 1\)\]"):
+        CAVI(model).step(torch.randn(12))
+
+
+@pytest.mark.parametrize("likelihood", ["normal", "bernoulli"])
+def test_obs_mask_latent_is_refused(likelihood):
+    """pyro.sample(..., obs_mask=m) makes a latent site 'y_unobserved' masked by ~m. Before: for a
+    Normal, a NonConjugateError about a non-positive-definite precision; for a Bernoulli, a fit
+    whose ELBO could exceed the log evidence, which is at most 0 for binary data."""
+    torch.set_default_dtype(torch.float64)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 2, generator=g)
+    y = (X[:, 0] > 0).double() if likelihood == "bernoulli" else X[:, 0] + 1.0
+    keep = torch.arange(20) % 4 != 0  # 5 missing entries, 15 masked-out elements of y_unobserved
+    y = torch.where(keep, y, torch.tensor(float("nan")))
+
+    def model(y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+        with pyro.plate("data", 20):
+            fn = dist.Bernoulli(logits=X @ w) if likelihood == "bernoulli" else dist.Normal(X @ w, 1.0)
+            pyro.sample("y", fn, obs=y, obs_mask=keep)
+
+    with pytest.raises(NonConjugateError, match=r"latent site 'y_unobserved' is masked \(the missing entries of pyro\.sample\('y', \.\.\., obs_mask=\.\.\.\)\): 15 of its elements"):
+        CAVI(model).step(y)
+
+
 def test_wrong_data_shape_is_named():
     def model(y):
         mu = pyro.sample("mu", dist.Normal(0.0, 1.0))

@@ -380,3 +380,21 @@ def test_cmn_under_nuts_separates_a_toy_set_and_agrees_with_cavi():
     cavi = cmn.fit_cavi(Xtr, ytr, num_experts=2, num_steps=200, seed=0)
     p_cavi = cmn.predict_proba(cavi, Xte, num_samples=200)
     assert (p[:, 1] - p_cavi[:, 1]).abs().mean() < 0.08
+
+
+@pytest.mark.parametrize(
+    "kwargs, labels, message",
+    [
+        ({"num_experts": 1}, None, r"num_experts must be an int >= 2 .* got 1"),
+        ({"num_experts": 0}, None, r"num_experts must be an int >= 2 .* got 0"),
+        ({"num_experts": 3}, "zeros", r"at least 2 classes .* got num_classes=1 \(inferred from y\.max\(\) \+ 1\)"),
+        ({"num_experts": 3, "num_classes": 1}, "zeros", r"at least 2 classes .* got num_classes=1\n"),
+        ({"num_experts": 3, "hidden": 0}, None, r"hidden must be None or an int >= 1, got 0"),
+    ],
+)
+def test_cmn_refuses_degenerate_sizes(kwargs, labels, message):
+    # before: a ZeroDivisionError from a plate of size 0, or hidden=0 silently read as L - 1
+    X, y = cmn.pinwheels(4, num_classes=3)
+    y = torch.zeros_like(y) if labels == "zeros" else y
+    with pytest.raises(ValueError, match=message):
+        cmn.fit_cavi(X, y, num_steps=2, **kwargs)

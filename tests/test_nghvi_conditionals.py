@@ -190,3 +190,58 @@ def test_simulators_follow_the_paper_designs():
     trace = pyro.poutine.trace(deep_mixed_model).get_trace(tr["X"], tr["group"], 30, tr["y"])
     shapes = {n: tuple(s["value"].shape) for n, s in trace.nodes.items() if s["type"] == "sample" and n not in ("data", "groups")}
     assert shapes == {"W1": (5, 6), "W2": (5, 6), "beta": (6,), "tau2": (6,), "sigma2_e": (), "alpha": (30, 6), "y": (180,)}
+
+
+def _masked_logistic(how):
+    """The logistic random-intercept model with the observations masked by ``poutine.mask``,
+    by ``.mask(...)`` or by ``.mask(...)`` under ``.to_event(1)`` (one group's rows as one event)."""
+
+    def model(X, group, num_groups, y, mask):
+        beta = pyro.sample("beta", dist.Normal(X.new_zeros(X.shape[1]), 10.0).to_event(1))
+        sigma2_a = pyro.sample("sigma2_a", dist.InverseGamma(X.new_tensor(1.01), 1.01))
+        with pyro.plate("groups", num_groups):
+            alpha = pyro.sample("alpha", dist.Normal(0.0, sigma2_a.sqrt()))
+        logits = X @ beta + alpha[group]
+        if how == "event":  # rows grouped (num_groups, rows per group), the rows an event
+            with pyro.plate("groups_y", num_groups):
+                rows = logits.reshape(num_groups, -1)
+                pyro.sample("y", dist.Bernoulli(logits=rows).mask(mask.reshape(rows.shape)).to_event(1), obs=y.reshape(rows.shape))
+            return
+        with pyro.plate("data", X.shape[0]):
+            if how == "poutine":
+                with pyro.poutine.mask(mask=mask):
+                    pyro.sample("y", dist.Bernoulli(logits=logits), obs=y)
+            else:
+                pyro.sample("y", dist.Bernoulli(logits=logits).mask(mask), obs=y)
+
+    return model
+
+
+@pytest.mark.parametrize("how", ["poutine", "method", "event"])
+def test_polya_gamma_gibbs_masked_observations_match_quadrature(how):
+    """Masked-out rows (holding NaN) drop out of the conditional: the draws match quadrature
+    on the unmasked rows alone."""
+    pyro.set_rng_seed(2)
+    X1 = torch.tensor([[1.0, 0.3], [1.0, -1.2], [1.0, 0.8], [1.0, 2.0], [1.0, -0.4], [1.0, 5.0], [1.0, -3.0]])
+    y1 = torch.tensor([1.0, 0.0, 1.0, 1.0, 1.0, float("nan"), 0.0])
+    keep = torch.tensor([True, True, True, True, True, False, False])
+    G = 4000
+    X, y, mask = X1.repeat(G, 1), y1.repeat(G), keep.repeat(G)
+    group = torch.arange(G).repeat_interleave(7)
+    theta = {"beta": torch.tensor([0.4, 1.1]), "sigma2_a": torch.tensor(2.0)}
+    alpha = PolyaGammaGibbs("alpha", num_sweeps=25)(_masked_logistic(how), theta, X, group, G, y, mask)["alpha"].double()
+    mean, var = _logistic_posterior_moments(X1[keep], y1[keep], theta["beta"], 2.0)
+    assert (alpha.mean() - mean).abs() < 4 * (var / G).sqrt()
+    assert (alpha.var() - var).abs() < 4 * var * math.sqrt(2 / G)
+
+
+def test_polya_gamma_gibbs_rejects_bad_observations():
+    X, group, G, _ = _lmm_data()
+    theta = {"beta": torch.zeros(3), "sigma2_a": torch.tensor(1.0)}
+    y = (torch.arange(len(group)) % 2).float()
+    sampler = PolyaGammaGibbs("alpha")
+    for bad, shown in ((float("nan"), "nan"), (2.0, "2.0"), (0.5, "0.5")):
+        y_bad = y.clone()
+        y_bad[3] = bad
+        with pytest.raises(ValueError, match=rf"observed site 'y'.* 1 value\(s\) outside .*e\.g\. {shown}"):
+            sampler(logistic_random_intercept, theta, X, group, G, y_bad)

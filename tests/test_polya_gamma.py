@@ -257,3 +257,27 @@ def test_integer_labels_keep_the_models_float64():
     losses = [cavi.step(X, y) for _ in range(5)]
     assert all(b <= a + 1e-9 * abs(a) for a, b in zip(losses, losses[1:]))
     assert cavi.posterior["w"].loc.dtype == torch.float64
+
+
+def test_float32_labels_in_a_float64_model_fit_in_float64():
+    # labels stored as float32 (as read from a CSV) in a model whose latents are float64: the
+    # factors take the wider dtype, and the fit equals the one with float64 labels (before, the
+    # factors took float32 from the labels and X @ w failed with a dtype error inside torch)
+    torch.set_default_dtype(torch.float32)  # restored by conftest's fixture
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 2, generator=g, dtype=torch.float64)
+    y = (X[:, 0] - X[:, 1] + 0.5 * torch.randn(60, generator=g, dtype=torch.float64) > 0).double()
+
+    def logistic(X, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=X.dtype), 1.0).to_event(1))
+        with pyro.plate("data", len(X)):
+            pyro.sample("y", dist.Bernoulli(logits=X @ w), obs=y)
+
+    fits = []
+    for labels in (y.float(), y):
+        cavi = CAVI(logistic)
+        fit(cavi, X, labels)
+        fits.append(cavi.posterior["w"])
+    assert fits[0].loc.dtype == torch.float64
+    torch.testing.assert_close(fits[0].loc, fits[1].loc)
+    torch.testing.assert_close(fits[0].covariance_matrix, fits[1].covariance_matrix)

@@ -56,6 +56,13 @@ class CAVIConditional:
                     f"{sorted(latent)}; expected exactly the local sites {list(self.sites)}"
                     + (f" (theta lacks {extra})" if extra else "") + (f" (not latent: {missing})" if missing else "")
                 )
+            for name in self.sites:
+                fn = tr.nodes[name]["fn"]
+                if fn.support.is_discrete:
+                    raise NonConjugateError(
+                        f"CAVIConditional: local site {name!r} is discrete ({type(fn).__name__}); it draws Gaussian "
+                        "local latents only: pass a sampler for it (any callable with a 'sites' attribute)"
+                    )
             cavi._prepare(args, kwargs)
             for name, f in cavi.factors.items():
                 if f.family != "Gaussian":

@@ -28,6 +28,7 @@ from pyro.poutine.util import site_is_subsample
 from ..distributions.stick_breaking import StickBreakingCategorical
 from .errors import NonConjugateError
 from .rules import unwrap
+from .symbolic import Sym
 
 Tensor = torch.Tensor
 
@@ -149,6 +150,77 @@ def _check_observed(name: str, site) -> None:
             f"observed site {name!r}: data of shape {tuple(value.shape)} are larger than the distribution's "
             f"shape {tuple(expected)}; wrap the site in a pyro.plate of the right size"
         )
+    _check_support(name, site)
+
+
+def _check_support(name: str, site) -> None:
+    """Unmasked observed values must lie in the support of the site's distribution (an integer in
+    {0, ..., total_count} for a Binomial, 0 or 1 for a Bernoulli, positive for a Gamma ...)."""
+    value, fn = site["value"], site["fn"]
+    ok = fn.support.check(value)
+    mask = _combined_mask(site)
+    if mask is not None:
+        event_dim = fn.event_dim
+        mask = mask.reshape(mask.shape[: mask.dim() - event_dim]) if event_dim else mask
+        ok = ok | ~mask
+    if ok.all():
+        return
+    bad = ~ok
+    index = tuple(bad.nonzero()[0].tolist())
+    example = value.expand(torch.broadcast_shapes(value.shape, bad.shape + value.shape[value.dim() - fn.event_dim:]))[index]
+    support = repr(fn.support)
+    if len(support) > 60:  # bounds that are tensors (a Binomial's total_count): show them at the index
+        bounds = [getattr(fn.support, key, None) for key in ("lower_bound", "upper_bound")]
+        bounds = [b.expand(bad.shape)[index].item() if isinstance(b, torch.Tensor) else b for b in bounds]
+        support = f"{type(fn.support).__name__.lstrip('_')}({bounds[0]}, {bounds[1]}) at that index"
+    base, _, _ = unwrap(fn)
+    raise ValueError(
+        f"observed site {name!r}: {int(bad.sum())} value(s) outside the support of its {type(base).__name__}, "
+        f"e.g. {example.tolist()} at index {index} (support {support}); "
+        "fix the data or mask them with poutine.mask / .mask(...)"
+    )
+
+
+def _check_params(name: str, fn) -> None:
+    """A site's distribution parameters that are constants (no latent flows into them) must satisfy
+    the distribution's argument constraints: a Normal's scale > 0, a Gamma's concentration > 0, a
+    Binomial's total_count a non-negative integer. The model is traced with Pyro's validation off
+    (symbolic stand-ins would trip it), so this check stands in for it."""
+    base, _, _ = unwrap(fn)
+    for key, constraint in getattr(base, "arg_constraints", {}).items():
+        value = base.__dict__.get(key)
+        if not isinstance(value, torch.Tensor) or isinstance(value, Sym) or dist.constraints.is_dependent(constraint):
+            continue
+        ok = constraint.check(value)
+        if ok.all():
+            continue
+        bad = ~ok
+        index = tuple(bad.nonzero()[0].tolist())
+        example = value.expand(torch.broadcast_shapes(value.shape, bad.shape + value.shape[bad.dim():]))[index]
+        raise ValueError(
+            f"site {name!r}: parameter {key!r} of its {type(base).__name__} has {int(bad.sum())} value(s) "
+            f"outside {constraint} (e.g. {example.tolist()} at index {index})"
+        )
+
+
+def _refuse_masked_latent(name: str, site) -> None:
+    """A latent site with masked-out elements (``poutine.mask``, ``.mask(...)``, or the
+    ``<name>_unobserved`` site of ``pyro.sample(..., obs_mask=...)``) is refused: its factor would
+    cover every element, the masked-out ones with no prior (an improper Gaussian, or a Categorical
+    whose entropy inflates the ELBO above the log evidence)."""
+    mask = _combined_mask(site)
+    if mask is None or bool(mask.all()):
+        return
+    hint = (
+        f" (the missing entries of pyro.sample({name[: -len('_unobserved')]!r}, ..., obs_mask=...))"
+        if name.endswith("_unobserved") else ""
+    )
+    raise NonConjugateError(
+        f"latent site {name!r} is masked{hint}: {int((~mask).sum())} of its elements are masked out, and CAVI "
+        "fits every element of a latent site, so those would have no prior and no likelihood. Mask only "
+        "observed sites: to impute missing data, sample the missing entries as a latent site of their own "
+        "(e.g. in a plate over the missing rows) and observe the rest"
+    )
 
 
 def prior_structure(model, args, kwargs):
@@ -179,14 +251,19 @@ def prior_structure(model, args, kwargs):
             _check_observed(name, site)
             observed.append(name)
             v = site["value"]
-            if dtype is None and v.is_floating_point():
-                dtype, device = v.dtype, v.device
+            if v.is_floating_point():
+                dtype = v.dtype if dtype is None else torch.promote_types(dtype, v.dtype)
+                device = v.device if device is None else device
             continue
         family, event_dim = _family(name, fn)
+        _refuse_masked_latent(name, site)
         shape = site["value"].shape
-        if latent_dtype is None and site["value"].is_floating_point():
-            # labels-only models (a classifier's observed site is integer): the prior's dtype
-            latent_dtype, latent_device = site["value"].dtype, site["value"].device
+        if site["value"].is_floating_point():
+            # the model's latents decide as much as the data: float64 latents with float32 (or
+            # integer) observations compute in float64, as the model itself would
+            v = site["value"]
+            latent_dtype = v.dtype if latent_dtype is None else torch.promote_types(latent_dtype, v.dtype)
+            latent_device = v.device if latent_device is None else latent_device
         support = None
         if family == "Categorical":
             base, _, _ = unwrap(fn)
@@ -205,8 +282,9 @@ def prior_structure(model, args, kwargs):
             if site["type"] == "sample" and isinstance(site["value"], torch.Tensor) and site["value"].is_floating_point():
                 device = site["value"].device
                 break
-    if dtype is None:
-        dtype, device = latent_dtype, latent_device if device is None else device
+    if latent_dtype is not None:
+        dtype = latent_dtype if dtype is None else torch.promote_types(dtype, latent_dtype)
+        device = latent_device if device is None else device
     dtype = dtype or torch.get_default_dtype()
     device = device or torch.device("cpu")
     for i, site in enumerate(s for s in latents.values() if s.family == "Categorical"):
@@ -255,6 +333,7 @@ class SymbolicMessenger(Messenger):
             return
         if msg["type"] != "sample" or msg["infer"].get("_deterministic"):
             return
+        _check_params(msg["name"], msg["fn"])
         if self.shapes is not None and msg["is_observed"]:
             _check_observed(msg["name"], msg)
         mask = msg["mask"] if isinstance(msg["mask"], torch.Tensor) else None
@@ -268,19 +347,35 @@ class SymbolicMessenger(Messenger):
         self.terms.append(Term(msg["name"], msg["fn"], value, msg["is_observed"], msg["scale"], mask, plates=plates))
 
 
-def symbolic_trace(model, args, kwargs, values: Dict[str, Tensor]) -> List[Term]:
-    with pyro.validation_enabled(False):
-        messenger = SymbolicMessenger(values)
-        with messenger:
+def _run_symbolically(messenger: "SymbolicMessenger", model, args, kwargs, values: Dict[str, Tensor]) -> None:
+    """Run ``model`` under ``messenger``; an indexing or shape error with discrete latents held at
+    their enumerated values is re-raised saying so (the model's own line is in the traceback)."""
+    try:
+        with pyro.validation_enabled(False), messenger:
             model(*args, **kwargs)
+    except (IndexError, RuntimeError) as e:
+        discrete = {name: tuple(v.shape) for name, v in values.items() if not isinstance(v, Sym)}
+        if not discrete:
+            raise
+        raise NonConjugateError(
+            f"tracing the model failed ({type(e).__name__}: {e}) with the discrete latent site(s) "
+            f"{sorted(discrete)} held at their enumerated values (shapes {[discrete[n] for n in sorted(discrete)]}: "
+            "the values in a dimension of their own left of the plates, as in Pyro's parallel enumeration). "
+            "CAVI lets a discrete latent index parameters (locs[z]) in the plate it is drawn in; indexing, "
+            "gathering or reshaping the discrete latent itself (e.g. z[group]) is not supported: lay the data "
+            "out along the discrete latent's plate (e.g. rows as (groups, rows per group), the rows' plate nested in it)"
+        ) from e
+
+
+def symbolic_trace(model, args, kwargs, values: Dict[str, Tensor]) -> List[Term]:
+    messenger = SymbolicMessenger(values)
+    _run_symbolically(messenger, model, args, kwargs, values)
     return messenger.terms
 
 
 def symbolic_retrace(model, args, kwargs, values: Dict[str, Tensor], shapes: Dict[str, torch.Size]):
     """:func:`symbolic_trace` against a cached structure (for a new minibatch): returns the terms
     and the names of the subsampled plates, or raises :class:`StructureChanged`."""
-    with pyro.validation_enabled(False):
-        messenger = SymbolicMessenger(values, shapes)
-        with messenger:
-            model(*args, **kwargs)
+    messenger = SymbolicMessenger(values, shapes)
+    _run_symbolically(messenger, model, args, kwargs, values)
     return messenger.terms, messenger.subsampled

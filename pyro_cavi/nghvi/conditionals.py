@@ -210,15 +210,51 @@ class GaussianConditional:
         return d.log_prob(z[self.site].reshape(d.batch_shape + d.event_shape)).sum()
 
 
-def _binomial_terms(fn) -> tuple[Tensor, Tensor] | None:
-    """``(logits, total_count)`` when ``fn`` is a Bernoulli/Binomial (possibly ``.to_event``)."""
-    while isinstance(fn, (dist.Independent, torch.distributions.Independent)):
+_WRAPPERS = (torch.distributions.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)
+
+
+def _is_binomial(fn) -> bool:
+    """Whether ``fn`` is a Bernoulli/Binomial, possibly wrapped by ``.to_event``, ``.mask`` or ``.expand``."""
+    while isinstance(fn, _WRAPPERS):
         fn = fn.base_dist
-    if isinstance(fn, torch.distributions.Bernoulli):
-        return fn.logits, torch.ones_like(fn.logits)
-    if isinstance(fn, torch.distributions.Binomial):
-        return fn.logits, fn.total_count.expand_as(fn.logits)
-    return None
+    return isinstance(fn, (torch.distributions.Bernoulli, torch.distributions.Binomial))
+
+
+def _pad_mask(mask: Tensor, event_dim: int) -> Tensor:
+    """``mask`` (over a distribution's batch shape) broadcastable against its values."""
+    return mask.reshape(mask.shape + (1,) * event_dim)
+
+
+def _augmented_term(fn, value: Tensor, name: str, sampler: str) -> Tensor:
+    """``kappa eta - omega eta^2 / 2`` of a Bernoulli/Binomial ``fn`` (wrapped as in :func:`_is_binomial`)
+    at ``value``, with ``omega ~ PG(N, eta)`` drawn here; the shape, masking and event sums are those
+    of ``fn.log_prob(value)``. Masked-out values are replaced by 0 before use (they may be NaN);
+    unmasked values outside ``{0, ..., N}`` raise a ``ValueError`` naming the site."""
+    if isinstance(fn, torch.distributions.Independent):
+        term = _augmented_term(fn.base_dist, value, name, sampler)
+        return term.sum(tuple(range(-fn.reinterpreted_batch_ndims, 0)))
+    if isinstance(fn, dist.MaskedDistribution):
+        mask = fn._mask
+        value = torch.where(_pad_mask(mask, fn.event_dim), value, torch.zeros_like(value))
+        term = _augmented_term(fn.base_dist, value, name, sampler)
+        return torch.where(mask, term, torch.zeros_like(term))
+    if isinstance(fn, dist.ExpandedDistribution):
+        term = _augmented_term(fn.base_dist, value, name, sampler)
+        return torch.broadcast_to(term, torch.broadcast_shapes(term.shape, fn.batch_shape))
+    logits = fn.logits
+    total_count = fn.total_count if isinstance(fn, torch.distributions.Binomial) else torch.ones_like(logits)
+    logits, value, total_count = torch.broadcast_tensors(logits, value.to(logits.dtype), total_count.to(logits.dtype))
+    bad = ~((value >= 0) & (value <= total_count) & (value == value.round()))  # NaN is bad too
+    if bad.any():
+        raise ValueError(
+            f"{sampler}: observed site {name!r} has {int(bad.sum())} value(s) outside the support "
+            f"{{0, ..., total_count}} of its {type(fn).__name__} where unmasked (e.g. {value[bad][0].item()}); "
+            "remove them or mask them with poutine.mask / .mask(...)"
+        )
+    rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
+    omega = _random_polyagamma(total_count.detach().double().numpy(), logits.detach().double().numpy(), rng)
+    omega = torch.as_tensor(omega, dtype=logits.dtype, device=logits.device)
+    return (value - total_count / 2) * logits - 0.5 * omega * logits.pow(2)
 
 
 class PolyaGammaGibbs:
@@ -255,23 +291,24 @@ class PolyaGammaGibbs:
     def _augmented_log_density(self, trace) -> Tensor:
         """``sum kappa eta - omega eta^2 / 2`` over Bernoulli/Binomial sites (omega drawn at the
         trace's current z) plus the log density of every other site, differentiable in z."""
-        trace.compute_log_prob(site_filter=lambda name, site: _binomial_terms(site["fn"]) is None or not site["is_observed"])
+        binomial = lambda name, site: site["is_observed"] and _is_binomial(site["fn"])  # noqa: E731
+        trace.compute_log_prob(site_filter=lambda name, site: not binomial(name, site))
         total, found = 0.0, False
         for name, node in trace.nodes.items():
             if node["type"] != "sample" or site_is_subsample(node):
                 continue
-            terms = _binomial_terms(node["fn"]) if node["is_observed"] else None
-            if terms is None:
+            if not binomial(name, node):
                 total = total + node["log_prob_sum"]
                 continue
             found = True
-            logits, total_count = terms
-            rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
-            omega = _random_polyagamma(total_count.detach().double().numpy(), logits.detach().double().numpy(), rng)
-            omega = torch.as_tensor(omega, dtype=logits.dtype)
-            term = (node["value"] - total_count / 2) * logits - 0.5 * omega * logits.pow(2)
-            if node["mask"] is not None:
-                term = term * node["mask"]
+            mask, value = node["mask"], node["value"]
+            if mask is False:
+                continue
+            if isinstance(mask, Tensor):
+                value = torch.where(_pad_mask(mask, node["fn"].event_dim), value, torch.zeros_like(value))
+            term = _augmented_term(node["fn"], value, name, f"PolyaGammaGibbs({self.site!r})")
+            if isinstance(mask, Tensor):
+                term = torch.where(mask, term, torch.zeros_like(term))
             total = total + (term * node["scale"]).sum()
         if not found:
             raise ValueError(
