@@ -252,7 +252,7 @@ def _augmented_term(fn, value: Tensor, name: str, sampler: str) -> Tensor:
             "remove them or mask them with poutine.mask / .mask(...)"
         )
     rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
-    omega = _random_polyagamma(total_count.detach().double().numpy(), logits.detach().double().numpy(), rng)
+    omega = _random_polyagamma(total_count.detach().double().cpu().numpy(), logits.detach().double().cpu().numpy(), rng)
     omega = torch.as_tensor(omega, dtype=logits.dtype, device=logits.device)
     return (value - total_count / 2) * logits - 0.5 * omega * logits.pow(2)
 
