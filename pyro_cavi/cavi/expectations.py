@@ -178,44 +178,49 @@ def mean(x, factors: Dict[str, ExpFamilyFactor], mu: Moments) -> Tensor:
     return out
 
 
+def _memoized(key: tuple, anchors: tuple, compute):
+    """``compute()``, cached in the engine's evaluation memo (``symbolic._MEMO``, when one is
+    active) under ``key``; a hit counts only while ``anchors`` are the very same objects (the
+    key holds their ids, which may be reused once they are freed)."""
+    store = symbolic._MEMO
+    if store is not None:
+        hit = store.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], anchors)):
+            return hit[1]
+    value = compute()
+    if store is not None:
+        store[key] = (anchors, value)
+    return value
+
+
 def _aligned_blocks(idx: Tensor, num_blocks: int) -> Optional[torch.Size]:
     """When the block index is the position itself (``idx`` = ``arange(num_blocks)`` laid out
     over the dimensions it varies along, as for ``A[z]`` with z enumerated), the shape to view
     the block means as so they broadcast against the expression; else None (cached)."""
-    store = symbolic._MEMO
-    key = ("aligned-blocks", id(idx), num_blocks)
-    if store is not None:
-        hit = store.get(key)
-        if hit is not None and hit[0] is idx:
-            return hit[1]
-    c = compact(idx)
-    aligned = c.numel() == num_blocks and torch.equal(c.reshape(-1), torch.arange(num_blocks, device=c.device))
-    shape = c.shape if aligned else None
-    if store is not None:
-        store[key] = (idx, shape)
-    return shape
+
+    def compute():
+        c = compact(idx)
+        aligned = c.numel() == num_blocks and torch.equal(c.reshape(-1), torch.arange(num_blocks, device=c.device))
+        return c.shape if aligned else None
+
+    return _memoized(("aligned-blocks", id(idx), num_blocks), (idx,), compute)
 
 
 def _mean_layout(coef: Tensor, idx: Tensor, shape: torch.Size, num_blocks: int):
     """Coefficient rows sorted by block, as ``(num_blocks, rows_per_block, n_e)``, and the
     permutation back; cached for the engine's evaluations (None when blocks differ in size)."""
-    store = symbolic._MEMO
-    key = ("mean-layout", id(coef), id(idx), tuple(shape))
-    if store is not None:
-        hit = store.get(key)
-        if hit is not None and hit[0] is coef and hit[1] is idx:
-            return hit[2]
-    flat_idx = idx.expand(shape).reshape(-1)
-    counts = torch.bincount(flat_idx, minlength=num_blocks)
-    layout = None
-    if bool((counts == counts[0]).all()) and counts[0] > 0:
+
+    def compute():
+        flat_idx = idx.expand(shape).reshape(-1)
+        counts = torch.bincount(flat_idx, minlength=num_blocks)
+        if not (bool((counts == counts[0]).all()) and counts[0] > 0):
+            return None
         perm = torch.argsort(flat_idx, stable=True)
         ne = coef.shape[-1]
         rows = coef.expand(shape + (ne,)).reshape(-1, ne)[perm].reshape(num_blocks, -1, ne)
-        layout = (rows, torch.argsort(perm))
-    if store is not None:
-        store[key] = (coef, idx, layout)
-    return layout
+        return rows, torch.argsort(perm)
+
+    return _memoized(("mean-layout", id(coef), id(idx), tuple(shape)), (coef, idx), compute)
 
 
 def variance(x, factors, mu) -> Tensor:
@@ -396,19 +401,16 @@ def _shrink(t: Tensor, shape: torch.Size, trailing: int = 0) -> Tensor:
 
 def _latent_part(e: Lin, small: torch.Size) -> Lin:
     """The latent terms of ``e`` restricted to the shape they vary over (cached per expression)."""
-    store = symbolic._MEMO
-    key = ("latent-part", id(e))
-    if store is not None and key in store and store[key][0] is e:
-        return store[key][1]
-    terms = {}
-    for s, (coef, idx) in e.terms.items():
-        coef = coef.expand(e.shape + coef.shape[-1:])
-        idx = idx.expand(e.shape)
-        terms[s] = (_shrink(coef, small, 1), _shrink(idx, small))
-    latent = Lin(torch.zeros((), dtype=e.const.dtype, device=e.const.device), terms, small)
-    if store is not None:
-        store[key] = (e, latent)
-    return latent
+
+    def compute():
+        terms = {}
+        for s, (coef, idx) in e.terms.items():
+            coef = coef.expand(e.shape + coef.shape[-1:])
+            idx = idx.expand(e.shape)
+            terms[s] = (_shrink(coef, small, 1), _shrink(idx, small))
+        return Lin(torch.zeros((), dtype=e.const.dtype, device=e.const.device), terms, small)
+
+    return _memoized(("latent-part", id(e)), (e,), compute)
 
 
 def _reduced_second_moment(e: Lin, small, weight, factors, mu, cache) -> Tensor:

@@ -27,7 +27,7 @@ from pyro.poutine.util import site_is_subsample
 
 from ..distributions.stick_breaking import StickBreakingCategorical
 from .errors import NonConjugateError
-from .rules import unwrap
+from .rules import _params, unwrap
 from .symbolic import Sym
 
 Tensor = torch.Tensor
@@ -166,8 +166,7 @@ def _check_support(name: str, site) -> None:
     if ok.all():
         return
     bad = ~ok
-    index = tuple(bad.nonzero()[0].tolist())
-    example = value.expand(torch.broadcast_shapes(value.shape, bad.shape + value.shape[value.dim() - fn.event_dim:]))[index]
+    index, example = _first_bad(value, bad, fn.event_dim)
     support = repr(fn.support)
     if len(support) > 60:  # bounds that are tensors (a Binomial's total_count): show them at the index
         bounds = [getattr(fn.support, key, None) for key in ("lower_bound", "upper_bound")]
@@ -181,22 +180,29 @@ def _check_support(name: str, site) -> None:
     )
 
 
+def _first_bad(value: Tensor, bad: Tensor, event_dim: int):
+    """The index of the first ``True`` in ``bad`` (over ``value``'s batch shape, broadcast) and
+    ``value``'s element (or event) there, for an error message."""
+    index = tuple(bad.nonzero()[0].tolist())
+    event = value.shape[value.dim() - event_dim:] if event_dim else torch.Size()
+    return index, value.expand(torch.broadcast_shapes(value.shape, bad.shape + event))[index]
+
+
 def _check_params(name: str, fn) -> None:
     """A site's distribution parameters that are constants (no latent flows into them) must satisfy
     the distribution's argument constraints: a Normal's scale > 0, a Gamma's concentration > 0, a
     Binomial's total_count a non-negative integer. The model is traced with Pyro's validation off
     (symbolic stand-ins would trip it), so this check stands in for it."""
     base, _, _ = unwrap(fn)
-    for key, constraint in getattr(base, "arg_constraints", {}).items():
-        value = base.__dict__.get(key)
+    for key, value in _params(base).items():
+        constraint = base.arg_constraints[key]
         if not isinstance(value, torch.Tensor) or isinstance(value, Sym) or dist.constraints.is_dependent(constraint):
             continue
         ok = constraint.check(value)
         if ok.all():
             continue
         bad = ~ok
-        index = tuple(bad.nonzero()[0].tolist())
-        example = value.expand(torch.broadcast_shapes(value.shape, bad.shape + value.shape[bad.dim():]))[index]
+        index, example = _first_bad(value, bad, value.dim() - bad.dim())
         raise ValueError(
             f"site {name!r}: parameter {key!r} of its {type(base).__name__} has {int(bad.sum())} value(s) "
             f"outside {constraint} (e.g. {example.tolist()} at index {index})"

@@ -30,6 +30,8 @@ import pyro.poutine as poutine
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from ..cavi.rules import unwrap
+
 
 class _LocalLeafMessenger(Messenger):
     """Sets local site ``site`` to a fresh leaf tensor (``value``, or zeros) marked observed."""
@@ -210,14 +212,9 @@ class GaussianConditional:
         return d.log_prob(z[self.site].reshape(d.batch_shape + d.event_shape)).sum()
 
 
-_WRAPPERS = (torch.distributions.Independent, dist.MaskedDistribution, dist.ExpandedDistribution)
-
-
 def _is_binomial(fn) -> bool:
     """Whether ``fn`` is a Bernoulli/Binomial, possibly wrapped by ``.to_event``, ``.mask`` or ``.expand``."""
-    while isinstance(fn, _WRAPPERS):
-        fn = fn.base_dist
-    return isinstance(fn, (torch.distributions.Bernoulli, torch.distributions.Binomial))
+    return isinstance(unwrap(fn)[0], (torch.distributions.Bernoulli, torch.distributions.Binomial))
 
 
 def _pad_mask(mask: Tensor, event_dim: int) -> Tensor:
