@@ -418,8 +418,9 @@ def test_nghvi_with_stein_gradient_converges_with_as_many_factors_as_parameters(
     """NG-HVI in the paper's coordinates with p = dim theta = 8 (B lower triangular can carry all
     of Sigma; (B, d) -> Sigma has an eight-dimensional null space) on a Gaussian target: with the
     Stein covariance gradient the smoothed ELBO stays within a nat of its maximum 0 after step 500
-    and q recovers the target.  (With the reparameterisation gradient the same run, same seed,
-    falls 469 nats below 0 between steps 500 and 1500; benchmarks/results/nghvi.md.)"""
+    and q recovers the target.  (With the reparameterisation gradient the same run makes large
+    excursions below 0, which is not asserted: how large depends on the draws; the rank table in
+    benchmarks/results/nghvi.md measures the same on the linear model.)"""
     M = 8
     A = torch.randn(M, M, generator=torch.Generator().manual_seed(1))
     precision = A @ A.T * 50 + 100 * torch.eye(M)

@@ -95,9 +95,9 @@ class NaturalGradientAdadelta(torch.optim.Optimizer):
     them into regions where the ``(B, d)`` Fisher is nearly singular.  One such region is
     ``d_i -> 0``: ``Sigma`` depends on ``d_i^2``, so ``F_(d_i, d_i) = 2 d_i^2 P_ii^2`` vanishes
     (and so does ``d_i``'s damping ``delta F_(d_i, d_i)``) while the estimate of the gradient in
-    ``d_i`` stays of order one; at ``p = 4`` the first excursion starts with ``|d_5| = 2.6e-4``,
-    a natural gradient of norm 381 (all of it in ``d_5``), clipping, and ADADELTA's rate for
-    ``d_5`` falling 100-fold.  With ``HybridELBO(..., covariance_gradient="stein")``, whose
+    ``d_i`` stays of order one; at ``p = 4`` the first excursion starts with one ``|d_i|`` near
+    zero, a large natural gradient almost all in ``d_i``, clipping, and ADADELTA's rate for
+    ``d_i`` collapsing.  With ``HybridELBO(..., covariance_gradient="stein")``, whose
     estimate has no component along those directions and vanishes with ``d_i``, NG-HVI in the
     paper's coordinates converges for every ``p`` tried (3, 4, 5, 8); ``coordinates="guide"``
     (``d = softplus(u) > 0``) converges too.  Neither is the default: the authors' algorithm is
