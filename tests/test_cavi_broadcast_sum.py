@@ -150,3 +150,29 @@ def test_block_indexed_products_keep_data_broadcast_and_exact_moments(order):
     w = torch.rand(K, N, 1, generator=g, dtype=torch.float64)  # responsibilities, broadcast over h
     expected = (w * (torch.einsum("khd,nd->knh", mA_k, X) ** 2 + var)).sum()
     torch.testing.assert_close(ex.weighted_second_moment(loc, w, factors, mu), expected)
+
+
+@pytest.mark.parametrize("num_blocks, ne", [(3, 2), (3, 5), (3, 12), (2, 13)])
+@pytest.mark.parametrize("batched", [False, True])
+def test_blocked_quadratic_with_shared_rows_equals_the_sum_over_data(num_blocks, ne, batched):
+    """:math:`\\sum_{n,b} w_{nb}\\, x_nᵀ \\Sigma_b x_n`, the gating layer's quadratic term
+    (every block sees the same rows), by both of ``_blocked_quadratic``'s paths (the Gram
+    matrices of all blocks as one product with the rows' outer products, chosen while
+    these are at most 4x the gathered rows, and the batched ``Aᵀ W A`` beyond), one restart and
+    three restarts under ``vmap``, against the sum written out."""
+    from pyro_cavi.cavi.expectations import _blocked_quadratic
+
+    g = torch.Generator().manual_seed(ne)
+    n, R = 7, 3
+    x = torch.randn(n, 1, ne, generator=g, dtype=torch.float64)
+    idx = torch.arange(num_blocks).expand(n, num_blocks)
+    shape = torch.Size((n, num_blocks))
+    L = torch.randn(R, num_blocks, ne, ne, generator=g, dtype=torch.float64)
+    cov = L @ L.mT
+    w = torch.rand(R, n, num_blocks, generator=g, dtype=torch.float64)
+    reference = torch.einsum("rnb,nbi,rbij,nbj->r", w, x.expand(n, num_blocks, ne), cov, x.expand(n, num_blocks, ne))
+    if batched:
+        got = torch.func.vmap(lambda w_, c_: _blocked_quadratic(x, idx, shape, shape, w_, c_, {}))(w, cov)
+    else:
+        got = torch.stack([_blocked_quadratic(x, idx, shape, shape, w[r], cov[r], {}) for r in range(R)])
+    assert torch.allclose(got, reference, rtol=1e-12, atol=0)

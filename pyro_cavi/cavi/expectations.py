@@ -505,16 +505,19 @@ def _shared_outer(rows: Tensor, key, cache: Optional[dict]) -> Optional[Tensor]:
     """When every block has the same coefficient rows :math:`a_1..a_n` (``A[z] @ x`` with the
     same ``x`` for each expert and output row), the outer products :math:`a_j a_jᵀ` flattened,
     shape ``(n, n_e²)``, so that the Gram matrices of all blocks are one matrix product
-    :math:`G = W O`; None otherwise (or when ``O`` would be larger than the rows). Under
-    :func:`torch.func.vmap` this product folds the restarts into its rows, where the batched
-    ``Aᵀ W A`` of :func:`_blocked_quadratic` copies the rows once per restart."""
+    :math:`G = W O`; None otherwise, or when ``O`` (``n_e²`` per row) would be more than four
+    times the gathered rows (``n_e`` per row and block). Both products cost the same
+    arithmetic, ``n_b n n_e²``; under :func:`torch.func.vmap` this one folds the restarts into
+    its rows, where the batched ``Aᵀ W A`` of :func:`_blocked_quadratic` copies the rows once
+    per restart (the gating layer of a CMN with more inputs than sticks, e.g. waveform's 22
+    inputs and 19 sticks: that copy dominated its batched sweep)."""
     okey = ("shared-outer",) + key[1:]
     hit = cache.get(okey) if cache is not None else None
     if hit is not None and hit[0] is rows:
         return hit[1]
     num_blocks, n, ne = rows.shape
     outer = None
-    if ne <= num_blocks and torch.equal(rows, rows[:1].expand_as(rows)):
+    if ne <= 4 * num_blocks and torch.equal(rows, rows[:1].expand_as(rows)):
         outer = (rows[0].unsqueeze(-1) * rows[0].unsqueeze(-2)).reshape(n, ne * ne)
     if cache is not None:
         cache[okey] = (rows, outer)
