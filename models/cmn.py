@@ -205,9 +205,19 @@ def fit_cavi(X, y, num_experts: int = 20, num_steps: int = 200, tol: float = 1e-
 
 
 @torch.no_grad()
-def predict_proba(cavi: CAVI, X_new: torch.Tensor, num_samples: int = 200) -> torch.Tensor:
+def predict_proba(cavi: CAVI, X_new: torch.Tensor, num_samples: int = 200, ensemble: bool = False) -> torch.Tensor:
     """Posterior predictive class probabilities p(y | x_new, data), by Monte Carlo over the
-    global factors (Γ, A, γ, B) and exact sums over experts."""
+    global factors (Γ, A, γ, B) and exact sums over experts.
+
+    ``ensemble=True`` (after ``run`` with ``num_restarts = R > 1``) is the predictive of the
+    equal-weight mixture of the R restarts' posteriors, :math:`\frac1R \sum_r p(y \mid x, q_r)`
+    (``num_samples`` draws from each), instead of the best-ELBO restart's alone. Mean-field CAVI
+    restarts end in different local optima; their uniform mixture is itself a variational
+    posterior, a deep ensemble of variational approximations, whose bound is at least the
+    restarts' average ELBO (Kviman et al., "Multiple importance sampling ELBO and deep ensembles
+    of variational approximations", AISTATS 2022)."""
+    if ensemble:  # restart_fits() refuses an engine that was not run with restarts
+        return torch.stack([predict_proba(fit, X_new, num_samples) for fit in cavi.restart_fits()]).mean(0)
     draws = cavi.sample_posterior(num_samples, ["gate", "A", "prec", "out"])  # A and γ jointly if fitted so
     gate, A, prec, out = draws["gate"], draws["A"], draws["prec"], draws["out"]  # (S, K-1, D+1), (S, K, h, D+1), (S, K, h), (S, L-1, h+1)
     Xt = _tilde(X_new)

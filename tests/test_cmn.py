@@ -398,3 +398,28 @@ def test_cmn_refuses_degenerate_sizes(kwargs, labels, message):
     y = torch.zeros_like(y) if labels == "zeros" else y
     with pytest.raises(ValueError, match=message):
         cmn.fit_cavi(X, y, num_steps=2, **kwargs)
+
+
+def test_ensemble_predictive_is_the_equal_weight_mixture_of_the_restarts():
+    """``predict_proba(..., ensemble=True)`` averages every restart's own predictive: it equals
+    the mean of the restarts' predictives drawn with the same random numbers, so by concavity of
+    the log its log density of each test point is at least the restarts' average; an engine
+    fitted without restarts is refused."""
+    X, y = cmn.pinwheels(40, seed=2)
+    X = (X - X.mean(0)) / X.std(0)
+    Xtr, ytr, Xte, yte = X[:120], y[:120], X[120:], y[120:]
+    cavi = CAVI(lambda X, y: cmn.cmn(X, y, num_experts=4), seed=0, num_restarts=3)
+    cavi.run(Xtr, ytr, num_steps=15, tol=0.0, progress=False)
+    pyro.set_rng_seed(5)
+    ens = cmn.predict_proba(cavi, Xte, num_samples=30, ensemble=True)
+    pyro.set_rng_seed(5)
+    each = torch.stack([cmn.predict_proba(fit, Xte, num_samples=30) for fit in cavi.restart_fits()])
+    assert len({round(float(p.max()), 6) for p in each}) == 3  # three different fits
+    assert torch.allclose(ens, each.mean(0), rtol=1e-6, atol=1e-7)
+    assert torch.allclose(ens.sum(-1), torch.ones(len(yte)))
+    rows = torch.arange(len(yte))
+    assert (ens[rows, yte].log() >= each[:, rows, yte].log().mean(0) - 1e-6).all()
+    single = CAVI(lambda X, y: cmn.cmn(X, y, num_experts=4), seed=0)
+    single.run(Xtr, ytr, num_steps=2, progress=False)
+    with pytest.raises(RuntimeError, match="num_restarts > 1"):
+        cmn.predict_proba(single, Xte, ensemble=True)
