@@ -37,6 +37,13 @@ as a ``torch.distributions.Distribution`` whose ``batch_shape + event_shape`` is
 latents cannot be summed out exactly, e.g. a conditional mixture network's hidden units, passes a
 Monte Carlo average over them). The ``posterior`` group is unchanged.
 
+A Pyro ``MCMC`` run (e.g. NUTS on the same model) exports its own draws, one ArviZ chain per
+MCMC chain and every draw of each, so ``az.compare`` ranks a variational fit against the
+sampler on the same points. Discrete sites that the sampler enumerated out (``z`` of a mixture
+run with ``config_enumerate``) are drawn from their conditional posterior given each draw by
+:func:`pyro.infer.infer_discrete`; the log likelihood of each draw is then computed as for
+any other fit.
+
 A list of fits (e.g. CAVI from several seeds) gives one chain per fit, so ``az.rhat`` /
 ``az.plot_trace`` flag fits that ended in different optima; ``attrs`` hold each chain's
 ELBO (``chain_elbo``), the best one (``best_elbo``) and its chain (``best_chain``).
@@ -57,6 +64,7 @@ import torch
 
 import pyro
 import pyro.poutine as poutine
+from pyro.infer import infer_discrete
 from pyro.poutine.util import site_is_subsample
 
 
@@ -156,7 +164,11 @@ def _heldout_draw(predictive, draw, data):
     return log_lik, yrep
 
 
-def _draw(guide, model, args, kwargs, num_samples, values=None, heldout=None):
+def _draw(guide, model, args, kwargs, num_samples, values=None, heldout=None, discrete_dim=None):
+    """Replay ``model`` on each posterior draw (``values``, or draws of ``guide``) and collect the
+    posterior, predictive and pointwise log likelihood. With ``discrete_dim``, the latent sites
+    missing from ``values`` (discrete sites enumerated out by the sampler) are first drawn from
+    their conditional posterior by :func:`pyro.infer.infer_discrete`."""
     posterior: Dict[str, list] = defaultdict(list)
     predictive: Dict[str, list] = defaultdict(list)
     log_lik: Dict[str, list] = defaultdict(list)
@@ -167,18 +179,23 @@ def _draw(guide, model, args, kwargs, num_samples, values=None, heldout=None):
             plain = poutine.trace(model).get_trace(*args, **kwargs)
         if heldout is not None:
             data = _heldout_names(heldout, [name for name, _, is_obs in _sites(plain) if is_obs])
+        latent = set(values) | ({name for name, _, is_obs in _sites(plain) if not is_obs} if discrete_dim else set())
         for i in range(num_samples):
-            tr = poutine.trace(poutine.condition(model, data={k: v[i] for k, v in values.items()})).get_trace(
-                *args, **kwargs
-            )
+            draw = {k: v[i] for k, v in values.items()}
+            if discrete_dim is not None:
+                inferred = poutine.trace(
+                    infer_discrete(poutine.condition(model, data=draw), first_available_dim=discrete_dim)
+                ).get_trace(*args, **kwargs)
+                draw.update({n: inferred.nodes[n]["value"] for n in latent - set(draw)})
+            tr = poutine.trace(poutine.condition(model, data=draw)).get_trace(*args, **kwargs)
             for name, site, is_obs in _sites(tr):
-                if name in values or not is_obs:
+                if name in latent or not is_obs:
                     posterior[name].append(_numpy(site["value"]))
                 elif heldout is None:
                     log_lik[name].append(_numpy(_pointwise_log_prob(site)))
                     predictive[name].append(_numpy(site["fn"].sample()))
             if heldout is not None:
-                draw = {name: site["value"] for name, site, is_obs in _sites(tr) if name in values or not is_obs}
+                draw = {name: site["value"] for name, site, is_obs in _sites(tr) if name in latent or not is_obs}
                 ll, yrep = _heldout_draw(heldout[0], draw, data)
                 for name in data:
                     log_lik[name].append(ll[name])
@@ -187,6 +204,34 @@ def _draw(guide, model, args, kwargs, num_samples, values=None, heldout=None):
         return posterior, predictive, log_lik, {name: _numpy(v) for name, v in data.items()}
     observed = {name: _numpy(site["value"]) for name, site, is_obs in _sites(plain) if is_obs}
     return posterior, predictive, log_lik, observed
+
+
+def _is_mcmc(fit) -> bool:
+    """A Pyro ``MCMC`` run (or anything with its ``get_samples(group_by_chain=...)``)."""
+    return callable(getattr(fit, "get_samples", None)) and hasattr(fit, "kernel")
+
+
+def _mcmc_chains(mcmc, model, args, kwargs, heldout):
+    """One exported chain per MCMC chain, holding every draw of it. Latent sites of ``model``
+    that have no MCMC draws must be discrete (enumerated out by the sampler); they are drawn
+    given each draw by :func:`pyro.infer.infer_discrete`."""
+    samples = mcmc.get_samples(group_by_chain=True)
+    with torch.no_grad():
+        plain = poutine.trace(model).get_trace(*args, **kwargs)
+    latent = {name: site for name, site, is_obs in _sites(plain) if not is_obs}
+    unknown = sorted(set(samples) - set(latent))
+    if unknown:
+        raise ValueError(f"to_inference_data: the MCMC run has draws of {unknown}, which are not latent sites of "
+                         f"the model given (its latent sites: {sorted(latent)}); pass the model that was sampled")
+    missing = [name for name in latent if name not in samples]
+    continuous = [name for name in missing if not latent[name]["fn"].has_enumerate_support]
+    if continuous:
+        raise ValueError(f"to_inference_data: the MCMC run has no draws of the model's continuous latent sites "
+                         f"{continuous}; pass the model that was sampled")
+    discrete_dim = -1 - _plate_nesting(plain) if missing else None
+    num_chains, num_draws = next(iter(samples.values())).shape[:2]
+    return [(_draw(None, model, args, kwargs, num_draws, {k: v[c] for k, v in samples.items()}, heldout, discrete_dim), {})
+            for c in range(num_chains)]
 
 
 def _final_elbo(fit) -> Optional[float]:
@@ -246,9 +291,9 @@ def to_inference_data(
 
     :param fit: an object with a ``.guide`` attribute, or a Pyro guide callable taking the
         model's arguments; or a list of them (e.g. CAVI fits from different seeds): one
-        chain per fit.
+        chain per fit; or a Pyro ``MCMC`` run: its own chains and draws.
     :param model: the Pyro model, called with ``*args, **kwargs`` (with the observed data).
-    :param num_samples: number of posterior draws (per chain).
+    :param num_samples: number of posterior draws (per chain); an MCMC run exports all its draws.
     :param psis: ``True`` to store PSIS k-hat, ESS (``attrs``) and the smoothed log weights
         (``sample_stats.log_weight``) of the draws; ``"resample"`` to put importance-resampled
         draws in ``posterior`` instead (k-hat and ESS still in ``attrs``).
@@ -264,7 +309,14 @@ def to_inference_data(
         raise ValueError("to_inference_data: the list of fits is empty")
     if heldout is not None and not (isinstance(heldout, (tuple, list)) and len(heldout) == 2 and callable(heldout[0])):
         raise TypeError(f"heldout must be a pair (predictive callable, data), got {heldout!r:.80}")
-    chains = [_chain(f, model, args, kwargs, num_samples, psis, heldout) for f in fits]
+    if any(_is_mcmc(f) for f in fits):
+        if len(fits) > 1:
+            raise ValueError("to_inference_data: pass one MCMC run (its chains become the export's chains), not a list")
+        if psis:
+            raise ValueError("to_inference_data: psis needs a variational posterior q to weigh; an MCMC run has none")
+        chains = _mcmc_chains(fits[0], model, args, kwargs, heldout)
+    else:
+        chains = [_chain(f, model, args, kwargs, num_samples, psis, heldout) for f in fits]
     posterior, predictive, log_lik = (_stack([c[0][i] for c in chains]) for i in range(3))
     observed = chains[0][0][3]
 

@@ -420,3 +420,71 @@ def test_az_compare_ranks_cavi_cmn_above_a_short_svi_fit(cmn_fits):
     # the SVI export has the same variable and points, so az.compare pairs them point by point
     assert fits["svi"].log_likelihood["y"].shape == (1, 100, 200)
     assert table.loc["svi", "elpd_diff"] > 2 * table.loc["svi", "dse"]
+
+
+def _two_cluster_mixture(y):
+    locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+    with pyro.plate("data", len(y)):
+        z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2), infer={"enumerate": "parallel"})
+        pyro.sample("y", dist.Normal(locs[z], 1.0), obs=y)
+
+
+@pytest.fixture(scope="module")
+def nuts_mixture():
+    from pyro.infer import MCMC, NUTS
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.cat([torch.randn(10, generator=g) - 4, torch.randn(10, generator=g) + 4])
+    pyro.set_rng_seed(0)
+    init = {"locs": torch.tensor([-4.0, 4.0])}  # one mode of the two label-switched ones
+    mcmc = MCMC(NUTS(_two_cluster_mixture, max_plate_nesting=1, init_strategy=lambda site=None: init[site["name"]]),
+                num_samples=30, warmup_steps=30, disable_progbar=True)
+    mcmc.run(y)
+    return mcmc, y
+
+
+def test_mcmc_export_holds_its_draws_and_infers_enumerated_sites(nuts_mixture):
+    """A NUTS run with the mixture's ``z`` enumerated out exports its own draws of ``locs``, and
+    ``z`` drawn from p(z | locs, y): with clusters 8 standard deviations apart that is the nearer
+    location for (almost) every point, where draws from the prior would agree half the time. The
+    pointwise log likelihood is log N(y_n | locs[z_n], 1) of each draw, written out."""
+    mcmc, y = nuts_mixture
+    idata = to_inference_data(mcmc, _two_cluster_mixture, y)
+    locs = mcmc.get_samples(group_by_chain=True)["locs"]
+    np.testing.assert_array_equal(idata.posterior["locs"].values, locs.numpy())
+    z = torch.as_tensor(idata.posterior["z"].values)
+    assert z.shape == (1, 30, 20)
+    nearer = ((y - locs[..., 1:2]).abs() < (y - locs[..., 0:1]).abs()).long()
+    assert (z == nearer).double().mean() > 0.97
+    chosen = torch.gather(locs, -1, z)
+    expected = dist.Normal(chosen, 1.0).log_prob(y)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values, expected.numpy(), rtol=1e-6)
+    assert idata.attrs["engine"] == "MCMC"
+
+
+def test_mcmc_export_scores_heldout_points_and_refuses_what_it_cannot_do(nuts_mixture):
+    mcmc, y = nuts_mixture
+    y_new = torch.tensor([-4.5, 0.0, 3.0])
+
+    def predictive(draw):  # p(y* | locs): the two-component mixture, z* summed out
+        mix = dist.Categorical(torch.ones(2) / 2)
+        return dist.MixtureSameFamily(mix, dist.Normal(draw["locs"], 1.0)).expand([len(y_new)])
+
+    idata = to_inference_data(mcmc, _two_cluster_mixture, y, heldout=(predictive, y_new))
+    locs = mcmc.get_samples()["locs"]
+    expected = torch.logsumexp(dist.Normal(locs.unsqueeze(-1), 1.0).log_prob(y_new) + np.log(0.5), -2)
+    np.testing.assert_allclose(idata.log_likelihood["y"].values[0], expected.numpy(), rtol=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert np.isfinite(az.loo(idata).elpd_loo)
+    with pytest.raises(ValueError, match="psis needs a variational posterior"):
+        to_inference_data(mcmc, _two_cluster_mixture, y, psis=True)
+    with pytest.raises(ValueError, match=r"draws of \['locs'\], which are not latent sites"):
+        to_inference_data(mcmc, regression, torch.randn(20, 2), y)
+
+    def wider(y):
+        pyro.sample("scale", dist.Gamma(2.0, 2.0))
+        _two_cluster_mixture(y)
+
+    with pytest.raises(ValueError, match=r"no draws of the model's continuous latent sites \['scale'\]"):
+        to_inference_data(mcmc, wider, y)
