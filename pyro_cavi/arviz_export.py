@@ -64,7 +64,7 @@ import torch
 
 import pyro
 import pyro.poutine as poutine
-from pyro.infer import infer_discrete
+from pyro.infer import config_enumerate, infer_discrete
 from pyro.poutine.util import site_is_subsample
 
 
@@ -168,7 +168,8 @@ def _draw(guide, model, args, kwargs, num_samples, values=None, heldout=None, di
     """Replay ``model`` on each posterior draw (``values``, or draws of ``guide``) and collect the
     posterior, predictive and pointwise log likelihood. With ``discrete_dim``, the latent sites
     missing from ``values`` (discrete sites enumerated out by the sampler) are first drawn from
-    their conditional posterior by :func:`pyro.infer.infer_discrete`."""
+    their conditional posterior by :func:`pyro.infer.infer_discrete` (the model's discrete sites
+    marked for enumeration, whether or not the model passed marks them)."""
     posterior: Dict[str, list] = defaultdict(list)
     predictive: Dict[str, list] = defaultdict(list)
     log_lik: Dict[str, list] = defaultdict(list)
@@ -184,7 +185,7 @@ def _draw(guide, model, args, kwargs, num_samples, values=None, heldout=None, di
             draw = {k: v[i] for k, v in values.items()}
             if discrete_dim is not None:
                 inferred = poutine.trace(
-                    infer_discrete(poutine.condition(model, data=draw), first_available_dim=discrete_dim)
+                    infer_discrete(poutine.condition(config_enumerate(model), data=draw), first_available_dim=discrete_dim)
                 ).get_trace(*args, **kwargs)
                 draw.update({n: inferred.nodes[n]["value"] for n in latent - set(draw)})
             tr = poutine.trace(poutine.condition(model, data=draw)).get_trace(*args, **kwargs)

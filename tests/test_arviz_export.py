@@ -460,6 +460,16 @@ def test_mcmc_export_holds_its_draws_and_infers_enumerated_sites(nuts_mixture):
     expected = dist.Normal(chosen, 1.0).log_prob(y)
     np.testing.assert_allclose(idata.log_likelihood["y"].values, expected.numpy(), rtol=1e-6)
     assert idata.attrs["engine"] == "MCMC"
+    # the same export from the model written without the enumeration marker the sampler needed
+
+    def unmarked(y):
+        locs = pyro.sample("locs", dist.Normal(0.0, 10.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(y)):
+            z = pyro.sample("z", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("y", dist.Normal(locs[z], 1.0), obs=y)
+
+    z2 = torch.as_tensor(to_inference_data(mcmc, unmarked, y).posterior["z"].values)
+    assert (z2 == nearer).double().mean() > 0.97
 
 
 def test_mcmc_export_scores_heldout_points_and_refuses_what_it_cannot_do(nuts_mixture):
