@@ -510,7 +510,7 @@ def _shared_outer(rows: Tensor, key, cache: Optional[dict]) -> Optional[Tensor]:
     arithmetic, ``n_b n n_e²``; under :func:`torch.func.vmap` this one folds the restarts into
     its rows, where the batched ``Aᵀ W A`` of :func:`_blocked_quadratic` copies the rows once
     per restart (the gating layer of a CMN with more inputs than sticks, e.g. waveform's 22
-    inputs and 19 sticks: that copy dominated its batched sweep)."""
+    inputs and 19 sticks: that copy made its batched restarts dearer than sequential ones)."""
     okey = ("shared-outer",) + key[1:]
     hit = cache.get(okey) if cache is not None else None
     if hit is not None and hit[0] is rows:
