@@ -94,7 +94,7 @@ def benchmark(args) -> None:
             fast["sweeps_to_plain_final"] = hit
             fast["cpu_to_plain_final"] = None if hit is None else fast["cpu_trace"][hit - 1]
             for rec in recs:
-                rec.update(dataset=name, seed=seed, K=K, commit=commit, max_sweeps=args.max_sweeps, tol=args.tol,
+                rec.update(dataset=name, seed=seed, K=K, growth=args.growth, commit=commit, max_sweeps=args.max_sweeps, tol=args.tol,
                            load=os.getloadavg()[0])
                 line = json.dumps(rec)
                 print(json.dumps({k: v for k, v in rec.items() if k not in ("trace", "cpu_trace")}), flush=True)
@@ -103,12 +103,18 @@ def benchmark(args) -> None:
 
 
 def report(path: pathlib.Path = RUNS) -> str:
-    latest: Dict[tuple, dict] = {}
+    runs: Dict[float, Dict[tuple, dict]] = {}
     for line in path.read_text().splitlines():
         rec = json.loads(line)
-        latest[(rec["dataset"], rec["seed"], rec["overrelax"] is not None)] = rec
+        growth = rec.get("growth", 1.1)  # (the first records, all with growth 1.1, did not name it)
+        runs.setdefault(growth, {})[(rec["dataset"], rec["seed"], rec["overrelax"] is not None)] = rec
+    return "\n\n".join(_table(growth, latest) for growth, latest in sorted(runs.items()))
+
+
+def _table(growth: float, latest: Dict[tuple, dict]) -> str:
     mean = statistics.fmean
-    out = ["Per split seed: ordinary sweeps (plain) vs over-relaxed (OR, growth 1.1). \"to 1 %\" = sweeps / CPU s "
+    out = [f"**Growth factor {growth}** (`--growth {growth}`; the ordinary fits are re-run in the same job). "
+           f"Per split seed: ordinary sweeps (plain) vs over-relaxed (OR). \"to 1 %\" = sweeps / CPU s "
            "to within 1 % of the fit's own final ELBO; \"conv.\" = to convergence (* = sweep cap); "
            "\"OR to plain's final\" = sweeps / CPU s for the over-relaxed fit to reach the ordinary fit's final ELBO "
            "(– never); kept/refused = extrapolated steps; acc / LPD of the posterior predictive.", "",
