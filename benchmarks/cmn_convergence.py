@@ -25,7 +25,6 @@ Run::
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
@@ -39,7 +38,7 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cmn_uci import ANCHOR_CAVI, DATASETS, _scores, cmn, load  # noqa: E402
+from cmn_uci import ANCHOR_CAVI, DATASETS, _scores, cmn, fit_study_parser, load, run_study  # noqa: E402
 
 from pyro_cavi import CAVI  # noqa: E402
 
@@ -138,18 +137,7 @@ def report(path: pathlib.Path = RUNS) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", nargs="+", default=["pinwheels"], choices=list(DATASETS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--max-sweeps", type=int, default=500)
-    parser.add_argument("--tol", type=float, default=1e-5, help="relative ELBO change at which the fit stops")
-    parser.add_argument("--num-samples", type=int, default=200, help="posterior draws for the predictive")
-    parser.add_argument("--report", action="store_true", help="print the tables from benchmarks/out/cmn_convergence.jsonl")
-    args = parser.parse_args()
-    if args.report:
-        print(report())
-        return
-    benchmark(args)
+    run_study(fit_study_parser(__doc__, "benchmarks/out/cmn_convergence.jsonl"), benchmark, report)
 
 
 if __name__ == "__main__":

@@ -143,6 +143,29 @@ class _Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+def fit_study_parser(doc: str, records: str) -> argparse.ArgumentParser:
+    """The command line shared by the per-fit CMN studies (``cmn_convergence.py``,
+    ``cmn_overrelax.py``): data sets, split seeds, sweep cap, tolerance, predictive draws, and
+    ``--report`` to print the tables from ``records``."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["pinwheels"], choices=list(DATASETS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--max-sweeps", type=int, default=500)
+    parser.add_argument("--tol", type=float, default=1e-5, help="relative ELBO change at which the fit stops")
+    parser.add_argument("--num-samples", type=int, default=200, help="posterior draws for the predictive")
+    parser.add_argument("--report", action="store_true", help=f"print the tables from {records}")
+    return parser
+
+
+def run_study(parser: argparse.ArgumentParser, benchmark, report) -> None:
+    """Parse the command line; print ``report()`` for ``--report``, else run ``benchmark(args)``."""
+    args = parser.parse_args()
+    if args.report:
+        print(report())
+        return
+    benchmark(args)
+
+
 def run_cavi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
     """One CAVI-CMN fit (``--restarts R``: R initialisations swept together, best ELBO kept).
 
