@@ -30,7 +30,6 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import time
 from typing import Dict, List
 
 import torch
@@ -38,7 +37,8 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cmn_uci import ANCHOR_CAVI, DATASETS, _scores, cmn, fit_study_parser, load, run_study  # noqa: E402
+from cmn_uci import (ANCHOR_CAVI, DATASETS, _scores, cmn, first_sweep_reaching, fit_study_parser,  # noqa: E402
+                     load, run_study, timed_sweeps)
 
 from pyro_cavi import CAVI  # noqa: E402
 
@@ -54,26 +54,18 @@ def experts_in_use(engine: CAVI) -> int:
 def trace_fit(Xtr, ytr, Xte, yte, K: int, seed: int, max_sweeps: int, tol: float, num_samples: int) -> dict:
     """Sweep one CAVI-CMN fit to convergence, scoring it at the checkpoint sweeps and at the end."""
     engine = CAVI(lambda X, y: cmn.cmn(X, y, num_experts=K), seed=seed, init="forgy")
-    tol = max(tol, 8 * torch.finfo(Xtr.dtype).eps)  # as CAVI.run
 
     def checkpoint(sweep: int, cpu: float) -> dict:
         torch.manual_seed(seed)
         scores = _scores(cmn.predict_proba(engine, Xte, num_samples=num_samples), yte)
         return {"sweep": sweep, "elbo": engine.elbo_trace[-1], "experts": experts_in_use(engine), "cpu": cpu, **scores}
 
-    points, cpu, prev = [], 0.0, None
-    for sweep in range(1, max_sweeps + 1):
-        start = time.process_time()
-        elbo = -engine.step(Xtr, ytr)
-        cpu += time.process_time() - start
-        converged = prev is not None and abs(elbo - prev) <= tol * max(1.0, abs(elbo))
+    points, converged = [], False
+    for sweep, cpu, converged in timed_sweeps(engine, Xtr, ytr, max_sweeps, tol):
         if sweep in CHECKPOINTS or converged or sweep == max_sweeps:
             points.append(checkpoint(sweep, cpu))
-        if converged:
-            break
-        prev = elbo
     final = engine.elbo_trace[-1]
-    near = next(i for i, e in enumerate(engine.elbo_trace) if e >= final - 0.01 * abs(final)) + 1
+    near = first_sweep_reaching(engine.elbo_trace, final - 0.01 * abs(final))
     return {"points": points, "converged": converged, "sweeps": len(engine.elbo_trace), "sweeps_to_1pct": near}
 
 

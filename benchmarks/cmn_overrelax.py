@@ -29,44 +29,30 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import time
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cmn_uci import DATASETS, _scores, cmn, fit_study_parser, load, run_study  # noqa: E402
+from cmn_convergence import experts_in_use  # noqa: E402
+from cmn_uci import DATASETS, _scores, cmn, first_sweep_reaching, fit_study_parser, load, run_study, timed_sweeps  # noqa: E402
 
 from pyro_cavi import CAVI  # noqa: E402
 
 RUNS = HERE / "out" / "cmn_overrelax.jsonl"
 
 
-def _first(trace: List[float], target: float) -> Optional[int]:
-    """1-based sweep at which ``trace`` first reaches ``target`` (None if never)."""
-    return next((i + 1 for i, e in enumerate(trace) if e >= target), None)
-
-
 def fit(Xtr, ytr, Xte, yte, K: int, seed: int, max_sweeps: int, tol: float, overrelax: Optional[float],
         num_samples: int) -> dict:
     engine = CAVI(lambda X, y: cmn.cmn(X, y, num_experts=K), seed=seed, init="forgy", overrelax=overrelax)
-    tol = max(tol, 8 * torch.finfo(Xtr.dtype).eps)  # as CAVI.run
-    cpu, prev, converged = [], None, False
-    total = 0.0
-    for _ in range(max_sweeps):
-        start = time.process_time()
-        elbo = -engine.step(Xtr, ytr)
-        total += time.process_time() - start
+    cpu, converged = [], False
+    for _, total, converged in timed_sweeps(engine, Xtr, ytr, max_sweeps, tol):
         cpu.append(total)
-        if prev is not None and abs(elbo - prev) <= tol * max(1.0, abs(elbo)):
-            converged = True
-            break
-        prev = elbo
     trace = list(engine.elbo_trace)
     final = trace[-1]
-    near = _first(trace, final - 0.01 * abs(final))
+    near = first_sweep_reaching(trace, final - 0.01 * abs(final))
     torch.manual_seed(seed)
     scores = _scores(cmn.predict_proba(engine, Xte, num_samples=num_samples), yte)
     steps = engine.overrelax_trace
@@ -75,7 +61,7 @@ def fit(Xtr, ytr, Xte, yte, K: int, seed: int, max_sweeps: int, tol: float, over
             "monotone": all(b >= a for a, b in zip(trace, trace[1:])), "trace": trace, "cpu_trace": cpu,
             "kept": sum(1 for a in steps if a > 1), "refused": sum(1 for a in steps if a < 0),
             "max_step": max([a for a in steps if a > 0], default=1.0),
-            "experts": int((engine.posterior["z"].probs.sum(0) >= 1.0).sum()), **scores}
+            "experts": experts_in_use(engine), **scores}
 
 
 def benchmark(args) -> None:
@@ -94,7 +80,7 @@ def benchmark(args) -> None:
             recs = [fit(Xtr, ytr, Xte, yte, K, seed, args.max_sweeps, args.tol, o, args.num_samples)
                     for o in (None, args.growth)]
             plain, fast = recs
-            hit = _first(fast["trace"], plain["elbo"])
+            hit = first_sweep_reaching(fast["trace"], plain["elbo"])
             fast["sweeps_to_plain_final"] = hit
             fast["cpu_to_plain_final"] = None if hit is None else fast["cpu_trace"][hit - 1]
             for rec in recs:

@@ -48,7 +48,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Dict, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -143,6 +143,29 @@ class _Clock:
         self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
 
 
+def timed_sweeps(engine: CAVI, X, y, max_sweeps: int, tol: float) -> Iterator[Tuple[int, float, bool]]:
+    """Sweep ``engine`` one ``step`` at a time with the stopping rule of ``CAVI.run``
+    (|ΔELBO| ≤ tol·max(1, |ELBO|), tol at least 8 float eps), yielding ``(sweep, CPU seconds of
+    the steps so far, converged)`` after each sweep; what the caller does between sweeps is not
+    timed."""
+    tol = max(tol, 8 * torch.finfo(X.dtype).eps)
+    cpu, prev = 0.0, None
+    for sweep in range(1, max_sweeps + 1):
+        start = time.process_time()
+        elbo = -engine.step(X, y)
+        cpu += time.process_time() - start
+        converged = prev is not None and abs(elbo - prev) <= tol * max(1.0, abs(elbo))
+        yield sweep, cpu, converged
+        if converged:
+            return
+        prev = elbo
+
+
+def first_sweep_reaching(trace: List[float], target: float) -> Optional[int]:
+    """1-based sweep at which an ELBO trace first reaches ``target`` (None if never)."""
+    return next((i + 1 for i, e in enumerate(trace) if e >= target), None)
+
+
 def fit_study_parser(doc: str, records: str) -> argparse.ArgumentParser:
     """The command line shared by the per-fit CMN studies (``cmn_convergence.py``,
     ``cmn_overrelax.py``): data sets, split seeds, sweep cap, tolerance, predictive draws, and
@@ -187,7 +210,7 @@ def run_cavi(Xtr, ytr, Xte, yte, K, seed, args) -> dict:
     restart_sweeps = sum(len(t) for t in traces)  # sweeps summed over restarts: the work done
     final = trace[-1]
     # sweeps to within 1 % of the final ELBO (time scaled by sweeps: every sweep costs about the same)
-    near = next(i for i, e in enumerate(trace) if e >= final - 0.01 * abs(final)) + 1
+    near = first_sweep_reaching(trace, final - 0.01 * abs(final))
     rec = _scores(cmn.predict_proba(engine, Xte, num_samples=args.num_samples), yte)
     # the authors' deterministic predictive from the same fit (reported as its own row)
     rec["paper_predictive"] = _scores(cmn.predict_proba_bound(engine, Xte), yte)
