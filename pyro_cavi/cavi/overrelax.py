@@ -62,14 +62,15 @@ def check_growth(overrelax) -> None:
 def overrelaxed_sweep(cavi) -> Tensor:
     """One adaptive over-relaxed sweep of ``cavi`` (its step size in ``cavi._alpha``); returns the
     ELBO of the factors it leaves."""
+    alpha = cavi._alpha
+    if alpha == 1.0:  # the trial would be the ordinary sweep itself: accepted, grow the step
+        cavi._sweep()
+        cavi._alpha = cavi.overrelax
+        cavi.overrelax_trace.append(1.0)
+        return cavi._elbo()
     before = {name: f.natural() for name, f in cavi.factors.items() if not f.auxiliary}
     cavi._sweep()
     elbo = cavi._elbo()
-    alpha = cavi._alpha
-    if alpha == 1.0:  # the trial would be the ordinary sweep itself: accepted, grow the step
-        cavi._alpha = cavi.overrelax
-        cavi.overrelax_trace.append(1.0)
-        return elbo
     plain = dict(cavi.factors)
     try:
         for name, old in before.items():
